@@ -1,0 +1,131 @@
+"""ILP plans vs uniform, position-heuristic and random plans at equal budgets (held-out ppl, RTN).
+
+    python benchmarks/compare_baselines.py ../shared/models/llama-dense-16m \
+        --calib ../shared/data/python-calib.txt.xz --heldout ../shared/data/python-heldout.txt.xz
+
+Writes every plan and ``results.json`` under ``--out/<model name>/`` and prints a markdown table.
+The error table is cached there (``scores.safetensors``) and reused when present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import bitalloc
+from bitalloc.allocator import position_priority, promote_in_order, random_assignment, solve_ilp, uniform
+from bitalloc.api import build_plan, problem_from_table
+from bitalloc.budget import parse_budget
+from bitalloc.errors import BudgetError
+from bitalloc.model.checkpoint import Checkpoint
+from bitalloc.model.inventory import build_inventory
+from bitalloc.plan import DEFAULT_CANDIDATES
+from bitalloc.scores import ErrorTable
+
+RANDOM_SEEDS = (0, 1, 2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("--calib", required=True)
+    ap.add_argument("--heldout", required=True)
+    ap.add_argument("--budgets", type=float, nargs="+", default=[2.25, 2.5, 2.75, 3.0, 3.25])
+    ap.add_argument("--eval-budgets", type=float, nargs="+", default=[2.5, 2.75, 3.0, 3.25])
+    ap.add_argument("--out", default="benchmarks/out")
+    args = ap.parse_args()
+
+    ckpt = Checkpoint(args.model)
+    inv = build_inventory(ckpt)
+    out = Path(args.out) / ckpt.path.name
+    out.mkdir(parents=True, exist_ok=True)
+    cache = out / "scores.safetensors"
+    t0 = time.perf_counter()
+    if cache.exists():
+        table = ErrorTable.load(cache)
+        score_s = None
+    else:
+        table = bitalloc.compute_scores(args.model, args.calib)
+        table.save(cache)
+        score_s = time.perf_counter() - t0
+    units = inv.quantized
+    tiers = position_priority([u.layer for u in units], [u.role.value for u in units], inv.num_layers)
+
+    def ppl(plan) -> float:
+        return bitalloc.evaluate(args.model, args.heldout, plan=plan).perplexity
+
+    rows = []
+    for target in args.budgets:
+        budget = parse_budget(f"{target}bpp")
+        t = time.perf_counter()
+        plan = bitalloc.allocate(args.model, budget=budget.text, scores=table)
+        resolve_s = time.perf_counter() - t
+        plan.save(out / f"plan-ilp-{target}.json")
+        row = {"target": target, "ilp_bpp": plan.budget.achieved_bpp, "status": plan.solver.status,
+               "gap": plan.solver.gap, "resolve_s": resolve_s, "predicted": plan.solver.objective}
+        if target in args.eval_budgets:
+            problem = problem_from_table(inv, table, DEFAULT_CANDIDATES, budget)
+            group_tier = [min(tiers[i] for i in m) for m in problem.members]
+            baselines = {"heuristic": promote_in_order(problem, group_tier, "position-heuristic")}
+            richest = max((c.bits for c in problem.candidates if _fits(problem, c.bits)), default=None)
+            if richest is not None:
+                baselines["uniform"] = uniform(problem, richest)
+            for s in RANDOM_SEEDS:
+                baselines[f"random{s}"] = random_assignment(problem, s)
+            row["ilp_ppl"] = ppl(plan)
+            for name, a in baselines.items():
+                bplan = build_plan(ckpt, inv, problem, a, table, budget)
+                bplan.save(out / f"plan-{name}-{target}.json")
+                row[f"{name}_ppl"] = ppl(bplan)
+                row[f"{name}_bpp"] = bplan.budget.achieved_bpp
+                row[f"{name}_predicted"] = a.objective
+            if richest is not None:
+                row["uniform_bits"] = richest
+            row["random_ppl"] = float(np.mean([row[f"random{s}_ppl"] for s in RANDOM_SEEDS]))
+            row["random_bpp"] = float(np.mean([row[f"random{s}_bpp"] for s in RANDOM_SEEDS]))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    refs = {f"uniform{b}": bitalloc.evaluate(args.model, args.heldout, bits=b).perplexity for b in (2, 3, 4)}
+    refs["unquantized"] = bitalloc.evaluate(args.model, args.heldout).perplexity
+    result = {"model": str(ckpt.path), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
+                         f"{torch.get_num_threads()} torch threads",
+              "scores_seconds": score_s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "references": refs, "rows": rows}
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    print(markdown(result))
+
+
+def _fits(problem, bits: int) -> bool:
+    try:
+        uniform(problem, bits)
+        return True
+    except BudgetError:
+        return False
+
+
+def markdown(result: dict) -> str:
+    lines = [f"model `{result['model']}`; references: " + ", ".join(f"{k} {v:.3f}" for k, v in result["references"].items()),
+             "", "| target bpp | ILP bpp | status | re-solve s | ILP ppl | uniform ppl | heuristic ppl (bpp) | random ppl, mean of 3 (bpp) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        uni = f"{r['uniform_ppl']:.3f} ({r['uniform_bits']}-bit)" if "uniform_ppl" in r else "-"
+        if "ilp_ppl" in r:
+            lines.append(f"| {r['target']} | {r['ilp_bpp']:.4f} | {r['status']} | {r['resolve_s']:.2f} | "
+                         f"**{r['ilp_ppl']:.3f}** | {uni} | {r['heuristic_ppl']:.3f} ({r['heuristic_bpp']:.3f}) | "
+                         f"{r['random_ppl']:.3f} ({r['random_bpp']:.3f}) |")
+        else:
+            lines.append(f"| {r['target']} | {r['ilp_bpp']:.4f} | {r['status']} | {r['resolve_s']:.2f} | - | - | - | - |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

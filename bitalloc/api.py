@@ -1,0 +1,165 @@
+"""The public Python API: ``allocate`` a budget, ``evaluate`` a plan. The CLI is a thin layer over it.
+
+Example::
+
+    import bitalloc
+    plan = bitalloc.allocate("./my-model", budget="2.5bpp", calib="data.txt")
+    plan.save("plan.json")
+    print(plan.summary())
+    print(bitalloc.evaluate("./my-model", "heldout.txt", plan=plan).perplexity)
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import numpy as np
+
+from . import __version__
+from .allocator import Assignment, Problem, build_problem, solve_ilp
+from .budget import Budget, parse_budget
+from .data import CALIB_SEQLEN, CALIB_TOKENS, EVAL_SEQLEN, EVAL_TOKENS, calibration_windows, file_sha256, tokenize
+from .errors import BitallocError
+from .model.checkpoint import Checkpoint
+from .model.inventory import Inventory, build_inventory
+from .plan import (DEFAULT_CANDIDATES, LOCKED_BITS, BudgetInfo, CalibrationInfo, Candidate, Entry, ModelInfo, Plan,
+                   ScoresInfo, SolverInfo)
+from .progress import SILENT, Tracker
+from .scores import ErrorTable
+
+if TYPE_CHECKING:
+    from .eval import EvalResult
+
+# torch and transformers are imported only by the steps that run the model, so re-solving a
+# saved error table (allocate --scores) starts in well under a second.
+
+
+def compute_scores(model: str | Path, calib: str | Path, candidates: Sequence[Candidate] = DEFAULT_CANDIDATES,
+                   calib_tokens: int = CALIB_TOKENS, seqlen: int = CALIB_SEQLEN, seed: int = 0,
+                   include_lm_head: bool = False, include_embeddings: bool = False, device: str = "cpu",
+                   track: Tracker = SILENT) -> ErrorTable:
+    """One calibration pass: the predicted loss increase of every unit at every candidate."""
+    ckpt = Checkpoint(model)
+    inv = build_inventory(ckpt, include_lm_head, include_embeddings)
+    return _measure(ckpt, inv, calib, list(candidates), calib_tokens, seqlen, seed, device, track)
+
+
+def _measure(ckpt: Checkpoint, inv: Inventory, calib: str | Path, candidates: list[Candidate], calib_tokens: int,
+             seqlen: int, seed: int, device: str, track: Tracker) -> ErrorTable:
+    from .sensitivity import measure_errors
+
+    windows = calibration_windows(tokenize(ckpt.path, calib), calib_tokens, seqlen, seed)
+    table = measure_errors(ckpt, inv, windows, candidates, device=device, track=track)
+    table.meta["calibration"] = {"file": str(calib), "sha256": file_sha256(calib), "tokens": int(windows.numel()),
+                                 "seqlen": seqlen, "seed": seed}
+    return table
+
+
+def allocate(model: str | Path, budget: str | float, calib: Optional[str | Path] = None,
+             scores: Optional[str | Path | ErrorTable] = None, candidates: Sequence[Candidate] = DEFAULT_CANDIDATES,
+             calib_tokens: int = CALIB_TOKENS, seqlen: int = CALIB_SEQLEN, seed: int = 0,
+             include_lm_head: bool = False, include_embeddings: bool = False, device: str = "cpu",
+             save_scores: Optional[str | Path] = None, time_limit_s: float = 60.0,
+             track: Tracker = SILENT) -> Plan:
+    """Choose bits for every tensor of ``model`` so that the total meets ``budget`` exactly.
+
+    Args:
+        model: local Hugging Face model directory (config.json + safetensors).
+        budget: ``"2.5bpp"``, ``2.5`` or a byte size (``"900MB"``, ``"3GiB"``) of the quantized tensors.
+        calib: calibration text (.txt, .jsonl, optionally .xz/.gz); needed unless ``scores`` is given.
+        scores: a saved error table (path or object) to re-solve without recomputing sensitivities.
+        save_scores: where to save the error table computed from ``calib``.
+    Returns:
+        The validated :class:`Plan`; nothing is written unless ``save_scores`` is set.
+    """
+    t_start = time.perf_counter()
+    ckpt = Checkpoint(model)
+    inv = build_inventory(ckpt, include_lm_head, include_embeddings)
+    parsed = parse_budget(budget)
+    candidates = list(candidates)
+    units = inv.quantized
+    # Fail on an infeasible budget before the (long) calibration pass.
+    build_problem([u.tensor for u in units], [u.shape for u in units], np.zeros((len(units), len(candidates))),
+                  candidates, [g.members for g in inv.tie_groups], parsed)
+    timings: dict[str, float] = {}
+    if scores is not None:
+        table = scores if isinstance(scores, ErrorTable) else ErrorTable.load(scores)
+        table.check_matches(ckpt.config_sha256, ckpt.index_sha256, candidates, [u.tensor for u in units])
+    elif calib is not None:
+        t0 = time.perf_counter()
+        table = _measure(ckpt, inv, calib, candidates, calib_tokens, seqlen, seed, device, track)
+        timings["sensitivity_s"] = time.perf_counter() - t0
+        if save_scores is not None:
+            table.save(save_scores)
+    else:
+        raise BitallocError("give calibration text (--calib) or a saved score file (--scores)")
+    problem = problem_from_table(inv, table, candidates, parsed)
+    task = track.task("solve (CP-SAT)", 1)
+    assignment = solve_ilp(problem, time_limit_s=time_limit_s, seed=seed)
+    task.advance()
+    timings["solve_s"] = assignment.seconds
+    timings["total_s"] = time.perf_counter() - t_start
+    return build_plan(ckpt, inv, problem, assignment, table, parsed, timings)
+
+
+def problem_from_table(inv: Inventory, table: ErrorTable, candidates: Sequence[Candidate], budget: Budget) -> Problem:
+    units = inv.quantized
+    cols = [table.column(c) for c in candidates]
+    errors = table.errors[[table.row(u.tensor) for u in units]][:, cols]
+    return build_problem([u.tensor for u in units], [u.shape for u in units], errors, candidates,
+                         [g.members for g in inv.tie_groups], budget)
+
+
+def build_plan(ckpt: Checkpoint, inv: Inventory, problem: Problem, assignment: Assignment, table: ErrorTable,
+               budget: Budget, timings: Optional[dict[str, float]] = None) -> Plan:
+    """Assemble the validated plan for ``assignment`` (any solver or baseline)."""
+    unit_choice = dict(zip(problem.unit_names, problem.unit_choices(assignment.choice)))
+    entries = []
+    for u in inv.units:
+        common = dict(tensor=u.tensor, module=u.module, shape=list(u.shape), numel=u.numel, layer=u.layer,
+                      role=u.role, expert=u.expert, source=u.source)
+        if u.locked:
+            entries.append(Entry(**common, bits=LOCKED_BITS, bpp=float(LOCKED_BITS), locked=True, reason=u.reason))
+            continue
+        c = problem.candidates[unit_choice[u.tensor]]
+        r = table.row(u.tensor)
+        pred = {cand.id: float(table.errors[r, table.column(cand)]) for cand in problem.candidates}
+        e = Entry(**common, bits=c.bits, group_size=c.group_size, symmetric=c.symmetric, bpp=0.0, predicted_error=pred)
+        entries.append(e.model_copy(update={"bpp": e.storage_bits / e.numel}))
+    counted_bits = problem.total_bits(assignment.choice)
+    locked_bits = sum(e.storage_bits for e in entries if e.locked)
+    cal = table.meta.get("calibration")
+    return Plan(
+        tool=f"bitalloc {__version__}",
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        model=ModelInfo(path=str(ckpt.path), arch=ckpt.arch, config_sha256=ckpt.config_sha256,
+                        index_sha256=ckpt.index_sha256),
+        budget=BudgetInfo(target=budget.text, unit=budget.unit, target_bits=problem.budget_bits,
+                          achieved_bpp=counted_bits / problem.counted_params, achieved_bytes=(counted_bits + 7) // 8,
+                          counted_params=problem.counted_params, total_bytes=(counted_bits + locked_bits + 7) // 8),
+        candidates=list(problem.candidates),
+        tie_groups=inv.tie_groups,
+        entries=entries,
+        solver=SolverInfo(name=assignment.solver, status=assignment.status, objective=assignment.objective,
+                          bound=assignment.bound, gap=assignment.gap, seconds=assignment.seconds,
+                          objective_scale=assignment.objective_scale),
+        calibration=CalibrationInfo(**cal) if cal else None,
+        scores=ScoresInfo(predictor=table.meta.get("predictor", "unknown"), formula=table.meta.get("formula", ""),
+                          calibration_loss=table.meta.get("calibration_loss")),
+        timings=timings or {},
+    )
+
+
+def evaluate(model: str | Path, text: str | Path, plan: Optional[Plan | str | Path] = None, bits: Optional[int] = None,
+             group_size: int = 128, tokens: int = EVAL_TOKENS, seqlen: int = EVAL_SEQLEN, device: str = "cpu",
+             track: Tracker = SILENT) -> "EvalResult":
+    """Held-out perplexity after RTN fake-quantization by ``plan`` or uniform ``bits`` (neither: unquantized)."""
+    from .eval import perplexity
+
+    if plan is not None and not isinstance(plan, Plan):
+        plan = Plan.load(plan)
+    return perplexity(Checkpoint(model), text, plan=plan, bits=bits, group_size=group_size, tokens=tokens,
+                      seqlen=seqlen, device=device, track=track)

@@ -1,0 +1,174 @@
+"""Command line: ``allocate`` and ``bitalloc <command>``, a thin typer layer over :mod:`bitalloc.api`.
+
+Exit codes: 0 success; 2 bad input (missing or corrupt files, unsupported architecture,
+unparsable or infeasible budget, unwritable output, plan for another model), reported as
+one line on stderr with nothing written; 1 an internal error (a bug: please report it with
+the traceback).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import warnings
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+from .errors import BitallocError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Mixed-precision bit allocation for LLM weights, solved exactly under a budget.")
+
+EXIT_USAGE = 2
+
+
+def _user_errors(fn: Callable) -> Callable:
+    """Turn BitallocError into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        warnings.formatwarning = lambda msg, *a, **k: f"warning: {msg}\n"
+        try:
+            return fn(*args, **kwargs)
+        except BitallocError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(EXIT_USAGE) from None
+
+    return wrapper
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _parse_candidates(text: str):
+    from .plan import Candidate
+
+    try:
+        return [Candidate(bits=int(b), group_size=int(g)) for b, g in
+                (item.split("g") if "g" in item else (item, "128") for item in text.split(","))]
+    except ValueError:
+        raise BitallocError(f"cannot parse --candidates {text!r}: use e.g. '2,3,4,8' or '2g64,3g128,4g128'") from None
+
+
+@app.command("allocate")
+@_user_errors
+def allocate_cmd(
+    model: Path = typer.Argument(..., help="Local model directory (config.json + safetensors)."),
+    budget: str = typer.Option(..., "--budget", "-b", help="'2.5bpp', '2.5', or a size of quantized tensors: '900MB', '3GiB'."),
+    output: Path = typer.Option(..., "--output", "-o", help="Where to write the plan JSON."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text: .txt, .jsonl ('text'), optionally .xz/.gz."),
+    scores: Optional[Path] = typer.Option(None, "--scores", help="Re-solve from a saved error table instead of calibrating."),
+    save_scores: Optional[Path] = typer.Option(None, "--save-scores", help="Save the computed error table here."),
+    candidates: str = typer.Option("2,3,4,8", help="Bit widths (optionally with group: '2g64,4g128'); default group 128."),
+    calib_tokens: int = typer.Option(32768, help="Calibration tokens (windows of --seqlen)."),
+    seqlen: int = typer.Option(512, help="Calibration window length in tokens."),
+    seed: int = typer.Option(0, help="Seed for calibration window sampling and the solver."),
+    include_lm_head: bool = typer.Option(False, help="Quantize lm_head too (locked by default)."),
+    include_embeddings: bool = typer.Option(False, help="Quantize the token embedding too (locked by default)."),
+    device: str = typer.Option("auto", help="'cpu', 'cuda', 'cuda:N' or 'auto'."),
+    time_limit: float = typer.Option(60.0, help="Solver time limit in seconds; the plan reports the gap if it is hit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary."),
+) -> None:
+    """Choose bits for every tensor so that the model meets the budget exactly."""
+    from .api import allocate
+    from .plan import check_writable
+    from .progress import tracker
+
+    check_writable(output)
+    if save_scores is not None:
+        check_writable(save_scores)
+    with tracker(quiet) as track:
+        plan = allocate(model, budget, calib=calib, scores=scores, candidates=_parse_candidates(candidates),
+                        calib_tokens=calib_tokens, seqlen=seqlen, seed=seed, include_lm_head=include_lm_head,
+                        include_embeddings=include_embeddings, device=_device(device), save_scores=save_scores,
+                        time_limit_s=time_limit, track=track)
+    plan.save(output)
+    if not quiet:
+        typer.echo(plan.summary())
+        typer.echo(f"\nwrote {output}" + (f" and {save_scores}" if save_scores else ""))
+
+
+@app.command("eval")
+@_user_errors
+def eval_cmd(
+    model: Path = typer.Argument(..., help="Local model directory."),
+    text: Path = typer.Option(..., "--text", help="Held-out text (.txt/.jsonl, optionally .xz); never the calibration file."),
+    plan: Optional[Path] = typer.Option(None, "--plan", help="Plan JSON to apply with RTN."),
+    bits: Optional[int] = typer.Option(None, "--bits", help="Uniform RTN bits instead of a plan."),
+    group: int = typer.Option(128, "--group", help="Group size for --bits."),
+    tokens: int = typer.Option(32768, help="Evaluate the first N tokens."),
+    seqlen: int = typer.Option(512, help="Window length."),
+    device: str = typer.Option("auto", help="'cpu', 'cuda', 'cuda:N' or 'auto'."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Held-out perplexity after RTN fake-quantization (fixed protocol, see docs/eval.md)."""
+    from .api import evaluate
+    from .progress import tracker
+
+    if plan is not None and bits is not None:
+        raise BitallocError("give either --plan or --bits, not both")
+    with tracker(quiet) as track:
+        r = evaluate(model, text, plan=plan, bits=bits, group_size=group, tokens=tokens, seqlen=seqlen,
+                     device=_device(device), track=track)
+    if as_json:
+        typer.echo(json.dumps({"perplexity": r.perplexity, "loss": r.loss, "tokens": r.tokens, "seconds": r.seconds,
+                               "label": r.label, "plan": str(plan) if plan else None}))
+    else:
+        typer.echo(f"{r.label}: perplexity {r.perplexity:.4f} (loss {r.loss:.4f}, {r.tokens} tokens, {r.seconds:.1f} s)")
+
+
+@app.command("scores")
+@_user_errors
+def scores_cmd(
+    model: Path = typer.Argument(..., help="Local model directory."),
+    calib: Path = typer.Option(..., "--calib", help="Calibration text."),
+    output: Path = typer.Option(..., "--output", "-o", help="Where to write the error table (.safetensors)."),
+    candidates: str = typer.Option("2,3,4,8", help="Bit widths (optionally with group)."),
+    calib_tokens: int = typer.Option(32768),
+    seqlen: int = typer.Option(512),
+    seed: int = typer.Option(0),
+    include_lm_head: bool = typer.Option(False),
+    include_embeddings: bool = typer.Option(False),
+    device: str = typer.Option("auto"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Compute and save the error table only; `allocate --scores` re-solves any budget from it."""
+    from .api import compute_scores
+    from .plan import check_writable
+    from .progress import tracker
+
+    check_writable(output)
+    with tracker(quiet) as track:
+        table = compute_scores(model, calib, _parse_candidates(candidates), calib_tokens, seqlen, seed,
+                               include_lm_head, include_embeddings, _device(device), track)
+    table.save(output)
+    if not quiet:
+        typer.echo(f"wrote {output}: {len(table.tensors)} tensors x {len(table.candidates)} candidates")
+
+
+@app.command("show")
+@_user_errors
+def show_cmd(plan: Path = typer.Argument(..., help="Plan JSON.")) -> None:
+    """Validate a plan and print its summary."""
+    from .plan import Plan
+
+    typer.echo(Plan.load(plan).summary())
+
+
+def main() -> None:
+    app()
+
+
+def allocate_main() -> None:
+    """The ``allocate`` console script: ``bitalloc allocate`` as a command of its own."""
+    single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    single.command()(allocate_cmd)
+    single()

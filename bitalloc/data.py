@@ -1,0 +1,110 @@
+"""Calibration and evaluation text -> token windows.
+
+Accepted files: plain text (``.txt``), JSON lines with a ``"text"`` field (``.jsonl``),
+either optionally compressed (``.xz``, ``.gz``, ``.bz2``). Calibration takes ``n`` windows of
+``seqlen`` tokens at seeded random, non-overlapping positions of the tokenized file (GPTQ
+style); evaluation takes the first ``n * seqlen`` tokens as consecutive windows, so every
+run scores the same text.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import hashlib
+import json
+import lzma
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .errors import CalibrationError, CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+_OPENERS = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}
+MAX_TEXT_CHARS = 256 * 2**20  # read at most this much text; more adds nothing to a calibration set
+CALIB_TOKENS = 32768  # GPTQ-style 64 x 512: enough for stable per-tensor Fisher sums, minutes on CPU
+CALIB_SEQLEN = 512
+EVAL_TOKENS = 32768  # the fixed evaluation protocol (docs/eval.md)
+EVAL_SEQLEN = 512
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_text(path: str | Path) -> str:
+    """The text of a .txt / .jsonl file (optionally compressed); raises on missing or empty."""
+    p = Path(path)
+    if not p.is_file():
+        raise CalibrationError(f"text file not found: {p}")
+    suffixes = p.suffixes
+    opener = _OPENERS.get(suffixes[-1] if suffixes else "", open)
+    is_jsonl = ".jsonl" in suffixes
+    try:
+        with opener(p, "rt", encoding="utf-8") as f:
+            raw = f.read(MAX_TEXT_CHARS)
+    except (OSError, EOFError, lzma.LZMAError, UnicodeDecodeError) as exc:
+        raise CalibrationError(f"cannot read {p}: {exc}") from None
+    if is_jsonl:
+        docs = []
+        for n, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                docs.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise CalibrationError(f"{p}:{n} is not a JSON object with a 'text' field") from None
+        raw = "\n\n".join(docs)
+    if not raw.strip():
+        raise CalibrationError(f"{p} contains no text")
+    return raw
+
+
+def load_tokenizer(model_path: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_path), local_files_only=True, trust_remote_code=False)
+    except Exception as exc:
+        raise CheckpointError(f"cannot load the tokenizer of {model_path}: {exc}") from None
+
+
+def tokenize(model_path: str | Path, text_path: str | Path) -> np.ndarray:
+    tok = load_tokenizer(model_path)
+    ids = tok(read_text(text_path), add_special_tokens=False)["input_ids"]
+    return np.asarray(ids, dtype=np.int64)
+
+
+def calibration_windows(ids: np.ndarray, tokens: int, seqlen: int, seed: int) -> "torch.Tensor":
+    """``tokens // seqlen`` random non-overlapping windows, [n, seqlen]."""
+    import torch
+
+    n_avail = len(ids) // seqlen
+    if n_avail < 1:
+        raise CalibrationError(f"calibration text has {len(ids)} tokens, fewer than one window of {seqlen}")
+    n = max(1, tokens // seqlen)
+    if n > n_avail:
+        raise CalibrationError(
+            f"calibration text has {len(ids)} tokens, {n_avail} windows of {seqlen}; asked for {n} "
+            f"(lower --calib-tokens to at most {n_avail * seqlen})")
+    rng = np.random.default_rng(seed)
+    starts = np.sort(rng.choice(n_avail, size=n, replace=False)) * seqlen
+    return torch.from_numpy(np.stack([ids[s:s + seqlen] for s in starts]))
+
+
+def eval_windows(ids: np.ndarray, tokens: int, seqlen: int) -> "torch.Tensor":
+    """The first ``tokens`` tokens as consecutive windows, [tokens // seqlen, seqlen]."""
+    import torch
+
+    n = tokens // seqlen
+    if n < 1 or len(ids) < n * seqlen:
+        raise CalibrationError(f"evaluation text has {len(ids)} tokens; the protocol needs {max(n, 1) * seqlen}")
+    return torch.from_numpy(ids[: n * seqlen].reshape(n, seqlen).copy())

@@ -1,0 +1,114 @@
+"""Held-out perplexity of a checkpoint after RTN fake-quantization (a plan, or uniform bits).
+
+Fixed protocol, so numbers compare across runs and tools: the evaluation text is tokenized
+without special tokens, its first ``tokens`` tokens (default 32768) are cut into consecutive
+windows of ``seqlen`` (default 512), each window is scored independently (no context carried
+over), and perplexity is exp(mean next-token cross-entropy over the seqlen - 1 predicted tokens
+of every window). The model runs in fp32, one decoder layer at a time, so evaluation needs
+no more weight memory than allocation does.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .data import EVAL_SEQLEN, EVAL_TOKENS, eval_windows, tokenize
+from .errors import PlanError
+from .model.checkpoint import Checkpoint
+from .model.inventory import Unit, build_inventory
+from .model.layerwise import LayerwiseModel, iter_batches, unit_view
+from .plan import Candidate, Plan, Role
+from .progress import SILENT, Tracker
+from .rounding.rtn import rtn_dequantize
+
+EVAL_BATCH = 8
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    perplexity: float
+    loss: float
+    tokens: int
+    seconds: float
+    label: str
+
+
+def quantization_map(ckpt: Checkpoint, plan: Optional[Plan], bits: Optional[int], group_size: int) -> dict[str, tuple[Unit, Candidate]]:
+    """Which units to fake-quantize with which candidate: from a plan, uniformly, or none (fp)."""
+    if plan is not None:
+        check_plan_matches(plan, ckpt)
+        inv = build_inventory(ckpt, include_lm_head=True, include_embeddings=True)
+        units = {u.tensor: u for u in inv.units}
+        return {e.tensor: (units[e.tensor], e.candidate) for e in plan.entries if not e.locked}
+    if bits is None:
+        return {}
+    cand = Candidate(bits=bits, group_size=group_size)
+    return {u.tensor: (u, cand) for u in build_inventory(ckpt).quantized}
+
+
+def check_plan_matches(plan: Plan, ckpt: Checkpoint) -> None:
+    if plan.model.config_sha256 != ckpt.config_sha256 or plan.model.index_sha256 != ckpt.index_sha256:
+        raise PlanError(f"the plan was made for a different model ({plan.model.path}, arch {plan.model.arch}); "
+                        f"its config or weight index hash does not match {ckpt.path}")
+    names = {u.tensor for u in build_inventory(ckpt, include_lm_head=True, include_embeddings=True).units}
+    unknown = [e.tensor for e in plan.entries if e.tensor not in names]
+    if unknown:
+        raise PlanError(f"the plan names tensor {unknown[0]!r}, which {ckpt.path} does not have")
+
+
+def perplexity(ckpt: Checkpoint, text: str, plan: Optional[Plan] = None, bits: Optional[int] = None,
+               group_size: int = 128, tokens: int = EVAL_TOKENS, seqlen: int = EVAL_SEQLEN, device: str = "cpu",
+               track: Tracker = SILENT) -> EvalResult:
+    t0 = time.perf_counter()
+    qmap = quantization_map(ckpt, plan, bits, group_size)
+    label = "plan" if plan is not None else (f"uniform {bits}-bit g{group_size}" if bits else "unquantized")
+    ids = eval_windows(tokenize(ckpt.path, text), tokens, seqlen)
+    lm = LayerwiseModel(ckpt, device)
+    ids = ids.to(lm.device)
+    by_layer: dict[Optional[int], list[tuple[Unit, Candidate]]] = {}
+    for u, c in qmap.values():
+        by_layer.setdefault(u.layer, []).append((u, c))
+    outer = {u.role: c for u, c in by_layer.get(None, [])}
+    task = track.task(f"eval ({label})", lm.num_layers + 1)
+    with torch.no_grad():
+        emb = lm.embedding_weight()
+        norm_w, head_w = lm.head_weights()
+        tied = "lm_head.weight" not in ckpt.tensors
+        if Role.embedding in outer:
+            emb = _fake(emb, outer[Role.embedding])
+            if tied:  # one stored tensor serves both uses
+                head_w = emb
+        if Role.lm_head in outer:
+            head_w = _fake(head_w, outer[Role.lm_head])
+        h = emb[ids]
+        del emb
+        pos = lm.position_embeddings(seqlen, EVAL_BATCH)
+        for i in range(lm.num_layers):
+            layer = lm.load_layer(i)
+            for u, c in by_layer.get(i, []):
+                view = unit_view(layer, u)
+                view.copy_(rtn_dequantize(view, c.bits, c.group_size, c.symmetric))
+            for b in iter_batches(len(ids), EVAL_BATCH):
+                n = b.stop - b.start
+                h[b] = lm.run_layer(layer, h[b], (pos[0][:n], pos[1][:n]))
+            lm.release_layer(i)
+            task.advance()
+        total = 0.0
+        for b in iter_batches(len(ids), EVAL_BATCH):
+            logits = lm.head_logits(h[b], norm_w, head_w)
+            total += float(nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                       ids[b, 1:].reshape(-1), reduction="sum"))
+        task.advance()
+    n_pred = ids.shape[0] * (seqlen - 1)
+    loss = total / n_pred
+    return EvalResult(math.exp(loss), loss, int(ids.numel()), time.perf_counter() - t0, label)
+
+
+def _fake(w: torch.Tensor, c: Candidate) -> torch.Tensor:
+    return rtn_dequantize(w, c.bits, c.group_size, c.symmetric)

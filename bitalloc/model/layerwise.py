@@ -1,0 +1,201 @@
+"""Run a checkpoint one decoder layer at a time.
+
+The transformers model is built on the ``meta`` device (no memory), and each decoder
+layer is materialised from the checkpoint only while it runs, then released. Peak weight
+memory is therefore one decoder layer in fp32 plus the embedding and head, whatever the
+model size. Hidden states between layers live in an :class:`ActivationStore`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from ..plan import Role
+from .checkpoint import Checkpoint
+from .inventory import Unit
+
+
+_EXPERT_ROLES = (Role.expert_gate, Role.expert_up, Role.expert_down)
+
+
+class ActivationStore:
+    """[n_seq, seqlen, hidden] fp32 buffer, memory-mapped from a temporary file.
+
+    Pages that the OS cannot keep in RAM go to disk, so the sensitivity pass of a model
+    whose calibration activations exceed memory still runs (slower), instead of failing.
+    """
+
+    def __init__(self, n_seq: int, seqlen: int, hidden: int, workdir: Optional[str] = None):
+        fd, self._path = tempfile.mkstemp(prefix="bitalloc-act-", suffix=".bin", dir=workdir)
+        os.close(fd)
+        numel = n_seq * seqlen * hidden
+        self.tensor = torch.from_file(self._path, shared=True, size=numel, dtype=torch.float32).view(n_seq, seqlen, hidden)
+
+    def close(self) -> None:
+        del self.tensor
+        Path(self._path).unlink(missing_ok=True)
+
+    def __del__(self) -> None:
+        if Path(self._path).exists():
+            Path(self._path).unlink(missing_ok=True)
+
+
+class LayerwiseModel:
+    """A transformers causal LM whose decoder layers are loaded on demand."""
+
+    def __init__(self, ckpt: Checkpoint, device: str | torch.device = "cpu"):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.ckpt = ckpt
+        self.device = torch.device(device)
+        try:
+            config = AutoConfig.from_pretrained(ckpt.path, local_files_only=True, trust_remote_code=False)
+        except Exception as exc:
+            raise CheckpointError(f"transformers cannot read {ckpt.path / 'config.json'}: {exc}") from None
+        config._attn_implementation = "sdpa"
+        self.config = config
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+        base = self.skeleton.model
+        self.layers: nn.ModuleList = base.layers
+        self.layer_prefix = _find_prefix(self.skeleton, self.layers)
+        self.rotary = type(base.rotary_emb)(config=config).to(self.device)
+        self.num_layers = len(self.layers)
+        self._embed_name = _param_name(self.skeleton, base.embed_tokens.weight)
+        self._norm_name = _param_name(self.skeleton, base.norm.weight)
+        self.norm = base.norm
+        head = self.skeleton.lm_head.weight
+        self._head_name = "lm_head.weight" if "lm_head.weight" in ckpt.tensors else self._embed_name
+        self._head_shape = tuple(head.shape)
+
+    # ---- weights -------------------------------------------------------------------------
+    def load_layer(self, i: int) -> nn.Module:
+        """Materialise decoder layer ``i`` in fp32 on the device from the checkpoint."""
+        layer = self.layers[i]
+        prefix = f"{self.layer_prefix}.{i}."
+        state = {}
+        for local, p in layer.state_dict(keep_vars=True).items():
+            state[local] = self._read_param(prefix, local, layer, tuple(p.shape)).to(self.device, torch.float32)
+        layer.load_state_dict(state, assign=True, strict=True)
+        return layer
+
+    def release_layer(self, i: int) -> None:
+        self.layers[i].to("meta")
+
+    def _read_param(self, prefix: str, local: str, layer: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
+        name = prefix + local
+        if name in self.ckpt.tensors:
+            t = self.ckpt.load(name)
+        elif local.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            t = self._assemble_fused(prefix, local, layer)
+        else:
+            raise CheckpointError(f"checkpoint {self.ckpt.path} lacks tensor {name!r} needed by {self.config.model_type}")
+        if tuple(t.shape) != shape:
+            raise CheckpointError(f"tensor {name!r} has shape {tuple(t.shape)}, the architecture expects {shape}")
+        return t
+
+    def _assemble_fused(self, prefix: str, local: str, layer: nn.Module) -> torch.Tensor:
+        """Build transformers' fused expert tensor from a per-expert checkpoint."""
+        experts = layer.get_submodule(local.rsplit(".", 1)[0])
+        n = experts.num_experts
+        base = prefix + local.rsplit(".", 1)[0]
+        if local.endswith("gate_up_proj"):
+            per = [torch.cat([self.ckpt.load(f"{base}.{e}.gate_proj.weight"), self.ckpt.load(f"{base}.{e}.up_proj.weight")])
+                   for e in range(n)]
+        else:
+            per = [self.ckpt.load(f"{base}.{e}.down_proj.weight") for e in range(n)]
+        t = torch.stack(per)
+        return t.transpose(1, 2) if getattr(experts, "is_transposed", False) else t
+
+    def embedding_weight(self) -> torch.Tensor:
+        return self.ckpt.load(self._embed_name, torch.float32).to(self.device)
+
+    def head_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(final norm weight, lm_head weight) in fp32; the head is the embedding when tied."""
+        return (self.ckpt.load(self._norm_name, torch.float32).to(self.device),
+                self.ckpt.load(self._head_name, torch.float32).to(self.device))
+
+    # ---- compute -------------------------------------------------------------------------
+    def position_embeddings(self, seqlen: int, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.arange(seqlen, device=self.device).unsqueeze(0).expand(batch, -1)
+        dummy = torch.zeros(1, device=self.device, dtype=torch.float32)
+        return self.rotary(dummy, pos)
+
+    def run_layer(self, layer: nn.Module, h: torch.Tensor, pos_emb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """One decoder layer, causal attention (sdpa with no mask = causal), no KV cache."""
+        out = layer(h, attention_mask=None, position_ids=None, position_embeddings=pos_emb, use_cache=False)
+        return out[0] if isinstance(out, tuple) else out
+
+    def head_logits(self, h: torch.Tensor, norm_w: torch.Tensor, head_w: torch.Tensor) -> torch.Tensor:
+        var = h.pow(2).mean(-1, keepdim=True)
+        x = h * torch.rsqrt(var + self.norm.variance_epsilon) * norm_w
+        return x @ head_w.T
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+
+def unit_param(layer: nn.Module, unit: Unit) -> tuple[nn.Parameter, str]:
+    """The parameter of a materialised layer that holds ``unit`` (a fused 3-D one for fused experts)."""
+    params = dict(layer.named_parameters())
+    if unit.local in params:
+        return params[unit.local], unit.local
+    if unit.role in _EXPERT_ROLES:
+        which = "down_proj" if unit.role == Role.expert_down else "gate_up_proj"
+        return getattr(layer.get_submodule("mlp.experts"), which), f"mlp.experts.{which}"
+    raise CheckpointError(f"cannot find {unit.tensor} inside decoder layer {unit.layer}")
+
+
+def unit_view(layer: nn.Module, unit: Unit) -> torch.Tensor:
+    """The unit's weight inside a materialised layer, as an [out, in] view.
+
+    Writing into the view (``copy_``) changes the layer's weight in place; for fused experts
+    the view is a slice of the 3-D parameter (transposed where the layout stores [in, out]).
+    """
+    return unit_slice(unit_param(layer, unit)[0].data, layer, unit)
+
+
+def unit_slice(full: torch.Tensor, layer: nn.Module, unit: Unit) -> torch.Tensor:
+    """The same slice as :func:`unit_view` applied to another tensor shaped like the parameter (e.g. its grad)."""
+    if unit.role not in _EXPERT_ROLES or full.dim() == 2:
+        return full
+    experts = layer.get_submodule("mlp.experts")
+    w = full[unit.expert]
+    if getattr(experts, "is_transposed", False):
+        w = w.T
+    if unit.role != Role.expert_down:
+        inter = w.shape[0] // 2
+        if getattr(experts, "is_concatenated", True):
+            w = w[:inter] if unit.role == Role.expert_gate else w[inter:]
+        else:
+            w = w[0::2] if unit.role == Role.expert_gate else w[1::2]
+    return w
+
+
+def _find_prefix(model: nn.Module, layers: nn.ModuleList) -> str:
+    for name, mod in model.named_modules():
+        if mod is layers:
+            return name
+    raise CheckpointError("cannot locate decoder layers in the model")
+
+
+def _param_name(model: nn.Module, param: torch.Tensor) -> str:
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p is param:
+            return name
+    raise CheckpointError("cannot locate a parameter in the model")
+
+
+def iter_batches(n: int, batch: int) -> Iterator[slice]:
+    for s in range(0, n, batch):
+        yield slice(s, min(n, s + batch))

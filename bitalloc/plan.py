@@ -1,0 +1,350 @@
+"""The plan: bitalloc's product contract (pure data, no torch).
+
+A plan lists every tensor of a checkpoint that bitalloc considered, by its exact
+checkpoint name, with the bit width and group size chosen for it (or ``locked`` with a
+reason), the predicted error of every candidate, and enough provenance (model hashes,
+calibration, solver status) to reproduce and audit it. Field-by-field documentation is in
+``docs/plan-format.md``; ``plan.schema.json`` beside this module is the JSON Schema that
+other tools can validate against (regenerate with ``python -m bitalloc.plan``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter, defaultdict
+from enum import Enum
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .budget import nominal_bpp, tensor_bits
+from .errors import OutputError, PlanError
+
+PLAN_FORMAT = "bitalloc.plan"
+PLAN_VERSION = 1  # bump only with a migration in Plan.load; readers refuse other versions
+LOCKED_BITS = 16
+SCHEMA_PATH = Path(__file__).with_name("plan.schema.json")
+
+
+class _Strict(BaseModel):
+    # A misspelled key in a plan file is an error, not silently ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Candidate(_Strict):
+    """One quantization choice: integer codes of ``bits`` with per-group fp16 scale and zero."""
+
+    bits: int = Field(ge=1, le=8)
+    group_size: int = Field(gt=0)
+    symmetric: bool = False
+
+    @property
+    def id(self) -> str:
+        return f"b{self.bits}g{self.group_size}{'s' if self.symmetric else ''}"
+
+    @property
+    def bpp(self) -> float:
+        return nominal_bpp(self.bits, self.group_size)
+
+
+DEFAULT_CANDIDATES: tuple[Candidate, ...] = tuple(Candidate(bits=b, group_size=128) for b in (2, 3, 4, 8))
+
+
+class Role(str, Enum):
+    """What a tensor does; drives locking, tie groups, heuristics and reports."""
+
+    attn_q = "attn_q"
+    attn_k = "attn_k"
+    attn_v = "attn_v"
+    attn_o = "attn_o"
+    mlp_gate = "mlp_gate"
+    mlp_up = "mlp_up"
+    mlp_down = "mlp_down"
+    expert_gate = "expert_gate"
+    expert_up = "expert_up"
+    expert_down = "expert_down"
+    shared_gate = "shared_gate"
+    shared_up = "shared_up"
+    shared_down = "shared_down"
+    router = "router"
+    norm = "norm"
+    bias = "bias"
+    embedding = "embedding"
+    lm_head = "lm_head"
+    other = "other"
+
+
+class FusedSource(_Strict):
+    """Where a per-expert tensor lives when the checkpoint stores experts fused in 3-D."""
+
+    key: str
+    expert: int
+    part: Literal["gate", "up", "down"]
+    transposed: bool = False
+
+
+class Entry(_Strict):
+    tensor: str  # exact checkpoint key (per-expert name for MoE, also for fused checkpoints)
+    module: str
+    shape: list[int]
+    numel: int
+    layer: Optional[int] = None
+    role: Role
+    expert: Optional[int] = None
+    bits: int
+    group_size: Optional[int] = None
+    symmetric: bool = False
+    bpp: float  # this tensor's own bits per parameter, overhead included
+    predicted_error: dict[str, float] = Field(default_factory=dict)  # candidate id -> predicted loss increase (nats)
+    locked: bool = False
+    reason: Optional[str] = None
+    source: Optional[FusedSource] = None
+
+    @property
+    def candidate(self) -> Optional[Candidate]:
+        if self.locked:
+            return None
+        return Candidate(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
+
+    @property
+    def storage_bits(self) -> int:
+        if self.locked:
+            return self.numel * LOCKED_BITS
+        rows, cols = _as_matrix(self.shape)
+        return tensor_bits(rows, cols, self.bits, self.group_size)
+
+
+class TieGroup(_Strict):
+    """Tensors that must share one choice because serving engines fuse them (qkv, gate_up)."""
+
+    id: str
+    kind: Literal["qkv", "gate_up"]
+    members: list[str]
+
+
+class ModelInfo(_Strict):
+    path: str
+    arch: str
+    config_sha256: str
+    index_sha256: str  # sha256 of model.safetensors.index.json, or of the single file's header
+
+
+class BudgetInfo(_Strict):
+    target: str  # as the user wrote it
+    unit: Literal["bpp", "bytes"]
+    target_bits: int
+    achieved_bpp: float  # over counted (unlocked) params, scales and zeros included
+    achieved_bytes: int  # bytes of the counted tensors once quantized
+    counted_params: int
+    total_bytes: int  # whole listed model: counted tensors quantized + locked tensors at 16 bit
+
+
+class SolverInfo(_Strict):
+    name: str
+    status: str
+    objective: float  # sum of predicted errors of the chosen candidates (nats)
+    bound: Optional[float] = None
+    gap: Optional[float] = None  # relative optimality gap, 0 when proven optimal
+    seconds: float
+    objective_scale: Optional[float] = None  # integer scaling applied to errors for CP-SAT
+
+
+class CalibrationInfo(_Strict):
+    file: str
+    sha256: str
+    tokens: int
+    seqlen: int
+    seed: int
+
+
+class ScoresInfo(_Strict):
+    predictor: str
+    formula: str
+    calibration_loss: Optional[float] = None
+
+
+class Plan(_Strict):
+    format: Literal["bitalloc.plan"] = PLAN_FORMAT
+    version: Literal[1] = PLAN_VERSION
+    tool: str
+    created: str
+    model: ModelInfo
+    budget: BudgetInfo
+    candidates: list[Candidate]
+    tie_groups: list[TieGroup] = Field(default_factory=list)
+    entries: list[Entry]
+    solver: SolverInfo
+    calibration: Optional[CalibrationInfo] = None
+    scores: Optional[ScoresInfo] = None
+    timings: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> "Plan":
+        names = [e.tensor for e in self.entries]
+        dup = [n for n, c in Counter(names).items() if c > 1]
+        if dup:
+            raise ValueError(f"tensor {dup[0]!r} is listed more than once")
+        cands = {c.id for c in self.candidates}
+        by_name = {e.tensor: e for e in self.entries}
+        for e in self.entries:
+            if e.numel != _prod(e.shape):
+                raise ValueError(f"{e.tensor}: numel {e.numel} does not match shape {e.shape}")
+            if e.locked:
+                if e.bits != LOCKED_BITS or e.group_size is not None:
+                    raise ValueError(f"{e.tensor}: locked entries keep {LOCKED_BITS} bits and no group size")
+            elif e.group_size is None or e.candidate.id not in cands:
+                raise ValueError(f"{e.tensor}: bits={e.bits} group_size={e.group_size} is not one of the candidates {sorted(cands)}")
+        for g in self.tie_groups:
+            missing = [m for m in g.members if m not in by_name]
+            if missing:
+                raise ValueError(f"tie group {g.id} names unknown tensor {missing[0]!r}")
+            choices = {(by_name[m].bits, by_name[m].group_size) for m in g.members}
+            if len(choices) > 1:
+                raise ValueError(f"tie group {g.id} members disagree: {sorted(choices, key=str)}")
+        counted = [e for e in self.entries if not e.locked]
+        params = sum(e.numel for e in counted)
+        bits = sum(e.storage_bits for e in counted)
+        if params != self.budget.counted_params:
+            raise ValueError(f"budget.counted_params {self.budget.counted_params} != {params} (sum over unlocked entries)")
+        if bits > self.budget.target_bits:
+            raise ValueError(f"entries use {bits} bits, over the budget's {self.budget.target_bits}")
+        if params and abs(bits / params - self.budget.achieved_bpp) > 1e-6:
+            raise ValueError(f"budget.achieved_bpp {self.budget.achieved_bpp} != {bits / params:.6f} computed from entries")
+        return self
+
+    # ---- I/O -----------------------------------------------------------------------------
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=1)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically: a reader never sees a half-written plan, and a failure leaves the old file."""
+        return atomic_write_text(Path(path), self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Plan":
+        """Read and validate a plan; any problem raises :class:`PlanError` with a one-line reason."""
+        p = Path(path)
+        if not p.is_file():
+            raise PlanError(f"plan file not found: {p}")
+        try:
+            data = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise PlanError(f"{p} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            raise PlanError(f"{p} is not a bitalloc plan (missing format: {PLAN_FORMAT!r})")
+        if data.get("version") != PLAN_VERSION:
+            raise PlanError(f"{p} has plan version {data.get('version')!r}; this bitalloc reads version {PLAN_VERSION}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(x) for x in err["loc"]) or "plan"
+            raise PlanError(f"{p} is not a valid plan: {where}: {err['msg']}") from None
+
+    # ---- views ---------------------------------------------------------------------------
+    def entry_map(self) -> dict[str, Entry]:
+        return {e.tensor: e for e in self.entries}
+
+    def summary(self) -> str:
+        """A compact text report: budget, solver, bits histogram per role and per layer."""
+        counted = [e for e in self.entries if not e.locked]
+        widths = sorted({e.bits for e in counted})
+        b = self.budget
+        lines = [
+            f"model      {self.model.path} ({self.model.arch})",
+            f"budget     target {b.target} -> achieved {b.achieved_bpp:.4f} bpp over {b.counted_params:,} params "
+            f"({b.achieved_bytes / 1e6:.2f} MB quantized; {b.total_bytes / 1e6:.2f} MB with locked tensors at 16 bit)",
+            f"solver     {self.solver.name}: {self.solver.status}, predicted loss increase {self.solver.objective:.5f} nats"
+            + (f", gap {self.solver.gap:.2e}" if self.solver.gap is not None else "")
+            + f", {self.solver.seconds:.2f} s",
+        ]
+        if self.timings:
+            lines.append("time       " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items()))
+        header = f"{'':<14}" + "".join(f"{w:>3}b" for w in widths) + "   mean bpp"
+        lines += ["", "bits by role", header]
+        lines += _histogram_rows(counted, lambda e: e.role.value, widths)
+        lines += ["", "bits by layer", header]
+        lines += _histogram_rows(counted, lambda e: "-" if e.layer is None else str(e.layer), widths)
+        locked = Counter(e.reason for e in self.entries if e.locked)
+        if locked:
+            lines += ["", "locked     " + ", ".join(f"{n} {r}" for r, n in sorted(locked.items()))]
+        return "\n".join(lines)
+
+
+def _histogram_rows(entries: list[Entry], key, widths: list[int]) -> list[str]:
+    groups: dict[str, list[Entry]] = defaultdict(list)
+    for e in entries:
+        groups[key(e)].append(e)
+    rows = []
+    for name in sorted(groups, key=lambda s: (len(s), s)):
+        es = groups[name]
+        counts = Counter(e.bits for e in es)
+        bpp = sum(e.storage_bits for e in es) / sum(e.numel for e in es)
+        rows.append(f"{name:<14}" + "".join(f"{counts.get(w, 0):>4}" for w in widths) + f"   {bpp:8.3f}")
+    return rows
+
+
+def _prod(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _as_matrix(shape: list[int]) -> tuple[int, int]:
+    """Quantization groups run along the last (input) dimension."""
+    return _prod(shape[:-1]), shape[-1]
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` via a temporary file in the same directory and a rename."""
+    return atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise OutputError(f"cannot write {path}: directory {directory} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path}: {exc.strerror}") from None
+    return path
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Fail before hours of work if the output cannot be written later."""
+    p = Path(path)
+    directory = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise OutputError(f"cannot write {p}: it is a directory")
+    if not directory.is_dir():
+        raise OutputError(f"cannot write {p}: directory {directory} does not exist")
+    if not os.access(directory, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise OutputError(f"cannot write {p}: permission denied")
+    return p
+
+
+def json_schema() -> dict:
+    schema = Plan.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://bitalloc.dev/schema/plan-v1.json"
+    return schema
+
+
+if __name__ == "__main__":  # regenerate the shipped schema: python -m bitalloc.plan
+    SCHEMA_PATH.write_text(json.dumps(json_schema(), indent=1) + "\n")
+    print(f"wrote {SCHEMA_PATH}")

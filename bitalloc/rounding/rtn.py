@@ -1,0 +1,37 @@
+"""Round-to-nearest (RTN) group quantization, the baseline every plan is evaluated with.
+
+Asymmetric: per group of ``group_size`` consecutive input columns, scale = (max - min) /
+(2^bits - 1) and zero = round(-min / scale), both stored as fp16 (the storage that the
+budget prices); codes q = clamp(round(w / scale) + zero, 0, 2^bits - 1); w_hat = (q - zero)
+* scale. Symmetric: scale = max|w| / (2^(bits-1) - 1/2), zero fixed at the grid centre.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rtn_dequantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False) -> torch.Tensor:
+    """Fake-quantize a [out, in] weight: returns the dequantized weight in w's dtype."""
+    out_f, in_f = w.shape
+    pad = (-in_f) % group_size
+    x = w.float()
+    if pad:  # the last group of a row is shorter; padding with its own values keeps its range
+        x = torch.cat([x, x[:, -1:].expand(out_f, pad)], dim=1)
+    g = x.view(out_f, -1, group_size)
+    qmax = 2**bits - 1
+    if symmetric:
+        scale = (g.abs().amax(-1, keepdim=True) / (qmax / 2)).clamp_min(1e-8).half().float()
+        zero = torch.full_like(scale, (qmax + 1) / 2)
+    else:
+        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+        scale = ((hi - lo) / qmax).clamp_min(1e-8).half().float()
+        zero = torch.round(-lo / scale).half().float()
+    q = torch.clamp(torch.round(g / scale) + zero, 0, qmax)
+    deq = ((q - zero) * scale).view(out_f, -1)[:, :in_f]
+    return deq.to(w.dtype)
+
+
+def rtn_error(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False) -> torch.Tensor:
+    """dW = RTN(w) - w in fp32."""
+    return rtn_dequantize(w.float(), bits, group_size, symmetric) - w.float()

@@ -1,0 +1,155 @@
+"""Fixtures: tiny random-weight checkpoints built from configs, with a real tokenizer.
+
+Tests never need real weights except the ones marked ``shared`` (skipped when ../shared
+is absent). The tiny models are saved exactly as users' checkpoints are: config.json,
+safetensors (sharded or not), tokenizer.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+DENSE = SHARED / "models" / "llama-dense-16m"
+MOE = SHARED / "models" / "qwen3moe-20m"
+CALIB = SHARED / "data" / "python-calib.txt.xz"
+HELDOUT = SHARED / "data" / "python-heldout.txt.xz"
+
+WORDS = ("def class return import from self for in if else while try except with as lambda yield "
+         "print len range list dict value key item data result name path file open read write").split()
+
+
+def make_text(n_words: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_words // 8):
+        lines.append(" ".join(rng.choice(WORDS) for _ in range(8)))
+    return "\n".join(lines) + "\n"
+
+
+def _save_tokenizer(directory: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=256 + 64, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([make_text(4000, 1)], trainer)
+    from tokenizers import decoders
+
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"}))
+
+
+def tiny_config(arch: str) -> dict:
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, vocab_size=320, max_position_embeddings=256,
+                  rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
+    if arch == "llama":
+        return {**common, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    if arch == "qwen3_moe":
+        return {**common, "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"],
+                "moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": True,
+                "decoder_sparse_step": 1, "mlp_only_layers": []}
+    raise ValueError(arch)
+
+
+def build_tiny_model(directory: Path, arch: str = "llama", layout: str = "per_expert", shards: int = 1,
+                     seed: int = 0) -> Path:
+    """A random-weight checkpoint of ``arch``; MoE experts saved per expert or fused in 3-D."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = tiny_config(arch)
+    (directory / "config.json").write_text(json.dumps(cfg))
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory))
+    state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    state.pop("lm_head.weight", None)  # tied
+    if arch == "qwen3_moe" and layout == "per_expert":
+        state = _split_experts(state, cfg)
+    _write_shards(directory, state, shards)
+    _save_tokenizer(directory)
+    return directory
+
+
+def _split_experts(state: dict, cfg: dict) -> dict:
+    out = {}
+    inter = cfg["moe_intermediate_size"]
+    for k, v in state.items():
+        if k.endswith("mlp.experts.gate_up_proj"):
+            base = k.rsplit(".", 1)[0]
+            for e in range(v.shape[0]):
+                out[f"{base}.{e}.gate_proj.weight"] = v[e, :inter].contiguous()
+                out[f"{base}.{e}.up_proj.weight"] = v[e, inter:].contiguous()
+        elif k.endswith("mlp.experts.down_proj"):
+            base = k.rsplit(".", 1)[0]
+            for e in range(v.shape[0]):
+                out[f"{base}.{e}.down_proj.weight"] = v[e].contiguous()
+        else:
+            out[k] = v
+    return out
+
+
+def _write_shards(directory: Path, state: dict, shards: int) -> None:
+    if shards == 1:
+        save_file(state, str(directory / "model.safetensors"))
+        return
+    names = sorted(state)
+    weight_map = {}
+    for i in range(shards):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: state[n] for n in names[i::shards]}
+        save_file(part, str(directory / fname))
+        weight_map.update({n: fname for n in part})
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", "llama", shards=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_moe(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "moe", "qwen3_moe")
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_fused(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "moe_fused", "qwen3_moe", layout="fused")
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("data") / "calib.txt"
+    p.write_text(make_text(6000, 2))
+    return p
+
+
+@pytest.fixture(scope="session")
+def heldout_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("data") / "heldout.txt"
+    p.write_text(make_text(6000, 3))
+    return p
+
+
+def pytest_collection_modifyitems(config, items):
+    if DENSE.is_dir():
+        return
+    skip = pytest.mark.skip(reason=f"reference checkpoints not found at {SHARED}")
+    for item in items:
+        if "shared" in item.keywords:
+            item.add_marker(skip)
+
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -1,0 +1,188 @@
+"""The CLI end to end on tiny models, and every bad-input case: one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from bitalloc.cli import app
+from bitalloc.plan import Plan
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def scores(tiny_llama, calib_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("scores") / "scores.safetensors"
+    r = run("scores", tiny_llama, "--calib", calib_file, "-o", out, "--calib-tokens", 1024, "--seqlen", 128, "-q")
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_allocate_eval_end_to_end(tiny_llama, calib_file, heldout_file, tmp_path):
+    plan_path, score_path = tmp_path / "plan.json", tmp_path / "s.safetensors"
+    r = run("allocate", tiny_llama, "--budget", "3.0bpp", "--calib", calib_file, "-o", plan_path,
+            "--calib-tokens", 1024, "--seqlen", 128, "--save-scores", score_path)
+    assert r.exit_code == 0, r.output
+    assert "bits by role" in r.output and "achieved" in r.output
+    plan = Plan.load(plan_path)
+    assert plan.solver.status == "optimal"
+    assert plan.budget.achieved_bpp <= 3.0 and plan.calibration.tokens == 1024
+    assert {e.tensor for e in plan.entries} >= {"model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight"}
+    # re-solve the saved table for another budget, without calibration text
+    r2 = run("allocate", tiny_llama, "--budget", "2.5", "--scores", score_path, "-o", tmp_path / "p2.json", "-q")
+    assert r2.exit_code == 0 and r2.output == ""
+    assert Plan.load(tmp_path / "p2.json").budget.achieved_bpp <= 2.5
+    r3 = run("eval", tiny_llama, "--plan", plan_path, "--text", heldout_file, "--tokens", 512, "--seqlen", 128,
+             "--json", "-q")
+    assert r3.exit_code == 0, r3.output
+    res = json.loads(r3.output)
+    assert res["perplexity"] > 1 and res["tokens"] == 512
+    r4 = run("eval", tiny_llama, "--bits", 3, "--text", heldout_file, "--tokens", 512, "--seqlen", 128, "-q")
+    assert r4.exit_code == 0 and "uniform 3-bit g128: perplexity" in r4.output
+    assert run("show", plan_path).exit_code == 0
+
+
+def test_allocate_console_script_is_the_same_command(tiny_llama, scores, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from bitalloc.cli import allocate_main
+
+    out = tmp_path / "p.json"
+    monkeypatch.setattr(sys, "argv", ["allocate", str(tiny_llama), "--budget", "2.75", "--scores", str(scores),
+                                      "-o", str(out), "-q"])
+    with pytest.raises(SystemExit) as e:
+        allocate_main()
+    assert e.value.code == 0 and Plan.load(out).budget.target == "2.75"
+
+
+def test_byte_budget(tiny_llama, scores, tmp_path):
+    out = tmp_path / "p.json"
+    r = run("allocate", tiny_llama, "--budget", "40KiB", "--scores", scores, "-o", out, "-q")
+    assert r.exit_code == 0, r.output
+    plan = Plan.load(out)
+    assert plan.budget.unit == "bytes" and plan.budget.achieved_bytes <= 40 * 1024
+
+
+# ---- bad input ---------------------------------------------------------------------------
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def expect_user_error(result, *needles: str, written: Path | None = None) -> None:
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output
+    for n in needles:
+        assert n in lines[0], lines[0]
+    if written is not None:
+        assert not written.exists()
+
+
+def test_missing_model_dir(tmp_path, calib_file):
+    out = tmp_path / "p.json"
+    expect_user_error(run("allocate", tmp_path / "nope", "--budget", "3", "--calib", calib_file, "-o", out),
+                      "not found", written=out)
+
+
+def test_missing_config(tiny_llama, tmp_path, calib_file):
+    m = _copy(tiny_llama, tmp_path / "m")
+    (m / "config.json").unlink()
+    out = tmp_path / "p.json"
+    expect_user_error(run("allocate", m, "--budget", "3", "--calib", calib_file, "-o", out), "config.json", written=out)
+
+
+def test_unsupported_arch(tiny_llama, tmp_path, calib_file):
+    m = _copy(tiny_llama, tmp_path / "m")
+    cfg = json.loads((m / "config.json").read_text())
+    (m / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    out = tmp_path / "p.json"
+    expect_user_error(run("allocate", m, "--budget", "3", "--calib", calib_file, "-o", out), "unsupported architecture",
+                      "gpt2", written=out)
+
+
+def test_corrupt_safetensors(tiny_moe, tmp_path, calib_file):
+    m = _copy(tiny_moe, tmp_path / "m")
+    (m / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    out = tmp_path / "p.json"
+    expect_user_error(run("allocate", m, "--budget", "3", "--calib", calib_file, "-o", out), "corrupt", written=out)
+
+
+def test_truncated_safetensors(tiny_llama, tmp_path, calib_file):
+    m = _copy(tiny_llama, tmp_path / "m")
+    shard = sorted(m.glob("*.safetensors"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 100])
+    out = tmp_path / "p.json"
+    expect_user_error(run("allocate", m, "--budget", "3", "--calib", calib_file, "-o", out), "truncated", written=out)
+
+
+def test_missing_shard(tiny_llama, tmp_path, calib_file):
+    m = _copy(tiny_llama, tmp_path / "m")
+    sorted(m.glob("*.safetensors"))[1].unlink()
+    expect_user_error(run("allocate", m, "--budget", "3", "--calib", calib_file, "-o", tmp_path / "p.json"), "missing")
+
+
+def test_empty_calibration(tiny_llama, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    out = tmp_path / "p.json"
+    expect_user_error(run("allocate", tiny_llama, "--budget", "3", "--calib", empty, "-o", out), "no text", written=out)
+
+
+def test_missing_calibration(tiny_llama, tmp_path):
+    out = tmp_path / "p.json"
+    expect_user_error(run("allocate", tiny_llama, "--budget", "3", "--calib", tmp_path / "x.txt", "-o", out),
+                      "not found", written=out)
+
+
+@pytest.mark.parametrize("budget,needle", [("2.5 parsecs", "unknown budget unit"), ("lots", "cannot parse"),
+                                           ("1.5bpp", "below the cheapest"), ("9bpp", "above the richest")])
+def test_bad_budgets(tiny_llama, calib_file, tmp_path, budget, needle):
+    out = tmp_path / "p.json"
+    expect_user_error(run("allocate", tiny_llama, "--budget", budget, "--calib", calib_file, "-o", out), needle,
+                      written=out)
+
+
+def test_unwritable_output(tiny_llama, scores, tmp_path):
+    expect_user_error(run("allocate", tiny_llama, "--budget", "3", "--scores", scores, "-o", tmp_path / "no" / "p.json"),
+                      "does not exist")
+    expect_user_error(run("allocate", tiny_llama, "--budget", "3", "--scores", scores, "-o", tmp_path), "directory")
+
+
+def test_plan_for_another_model(tiny_llama, tiny_moe, scores, heldout_file, tmp_path):
+    out = tmp_path / "p.json"
+    assert run("allocate", tiny_llama, "--budget", "3", "--scores", scores, "-o", out, "-q").exit_code == 0
+    expect_user_error(run("eval", tiny_moe, "--plan", out, "--text", heldout_file, "--tokens", 256, "--seqlen", 128),
+                      "different model")
+
+
+def test_stale_scores(tiny_moe, scores, tmp_path):
+    out = tmp_path / "p.json"
+    expect_user_error(run("allocate", tiny_moe, "--budget", "3", "--scores", scores, "-o", out), "different checkpoint",
+                      written=out)
+
+
+@pytest.mark.parametrize("content,needle", [("{\"format\": \"bitalloc.plan\", \"vers", "not valid JSON"),
+                                            ("[1, 2]", "not a bitalloc plan"),
+                                            ("{\"format\": \"bitalloc.plan\", \"version\": 7}", "version 7")])
+def test_corrupt_plan(tiny_llama, heldout_file, tmp_path, content, needle):
+    p = tmp_path / "p.json"
+    p.write_text(content)
+    expect_user_error(run("eval", tiny_llama, "--plan", p, "--text", heldout_file), needle)
+
+
+def test_plan_and_bits_are_exclusive(tiny_llama, heldout_file, tmp_path):
+    expect_user_error(run("eval", tiny_llama, "--plan", tmp_path / "p.json", "--bits", 3, "--text", heldout_file),
+                      "either --plan or --bits")

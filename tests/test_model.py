@@ -1,0 +1,114 @@
+"""Model I/O, inventory and the layer-by-layer pipeline against plain transformers autograd."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from bitalloc.data import calibration_windows, tokenize
+from bitalloc.eval import perplexity
+from bitalloc.model.checkpoint import Checkpoint
+from bitalloc.model.inventory import build_inventory
+from bitalloc.plan import DEFAULT_CANDIDATES, Role
+from bitalloc.rounding import rtn_error
+from bitalloc.sensitivity import measure_errors
+
+
+def test_dense_inventory(tiny_llama):
+    inv = build_inventory(Checkpoint(tiny_llama))
+    q = inv.quantized
+    assert len(q) == 2 * 7 and inv.tied_embeddings
+    assert {u.role for u in q} == {Role.attn_q, Role.attn_k, Role.attn_v, Role.attn_o, Role.mlp_gate, Role.mlp_up,
+                                   Role.mlp_down}
+    locked = {u.tensor: u.reason for u in inv.units if u.locked}
+    assert locked["model.embed_tokens.weight"] == "embedding (tied with lm_head)"
+    assert locked["model.layers.1.input_layernorm.weight"] == "norm"
+    kinds = sorted((g.id, len(g.members)) for g in inv.tie_groups)
+    assert kinds == [("layers.0.gate_up", 2), ("layers.0.qkv", 3), ("layers.1.gate_up", 2), ("layers.1.qkv", 3)]
+    with_head = build_inventory(Checkpoint(tiny_llama), include_lm_head=True)
+    assert not next(u for u in with_head.units if u.role == Role.embedding).locked  # tied: one tensor, both uses
+
+
+def test_moe_layouts_give_the_same_per_expert_units(tiny_moe, tiny_moe_fused):
+    a = build_inventory(Checkpoint(tiny_moe))
+    b = build_inventory(Checkpoint(tiny_moe_fused))
+    assert [(u.tensor, u.shape, u.role) for u in a.quantized] == [(u.tensor, u.shape, u.role) for u in b.quantized]
+    assert "model.layers.0.mlp.experts.3.down_proj.weight" in {u.tensor for u in a.quantized}
+    assert all(u.source is None for u in a.quantized)
+    fused = [u for u in b.quantized if u.source is not None]
+    assert len(fused) == 2 * 4 * 3
+    assert {u.source.key.rsplit(".", 1)[1] for u in fused} == {"gate_up_proj", "down_proj"}
+    router = [u for u in a.units if u.role == Role.router]
+    assert len(router) == 2 and all(u.locked and u.reason == "moe_router" for u in router)
+    assert {g.id for g in a.tie_groups} >= {"layers.0.experts.3.gate_up", "layers.1.qkv"}
+
+
+def _reference_loss(path, ids):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(ids).logits
+    return float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)))
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_moe", "tiny_moe_fused"])
+def test_layerwise_eval_matches_transformers(name, heldout_file, request):
+    path = request.getfixturevalue(name)
+    r = perplexity(Checkpoint(path), heldout_file, tokens=512, seqlen=128)
+    ids = torch.from_numpy(tokenize(path, heldout_file)[:512].reshape(4, 128))
+    assert r.loss == pytest.approx(_reference_loss(path, ids), rel=1e-5)
+
+
+def _reference_fisher_errors(path, ids, units, inter):
+    """e(c) = (T-1)/2 * sum F dW^2 with F from per-sequence autograd on the whole model."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    params = dict(model.named_parameters())
+    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    for s in range(ids.shape[0]):
+        model.zero_grad()
+        logits = model(ids[s:s + 1]).logits
+        torch.nn.functional.cross_entropy(logits[0, :-1], ids[s, 1:]).backward()
+        for n, p in params.items():
+            fisher[n] += p.grad.pow(2) / ids.shape[0]
+    out = {}
+    for u in units:
+        if u.expert is None:
+            w, f = params[u.tensor], fisher[u.tensor]
+        else:  # transformers holds experts fused: gate_up [E, 2I, H], down [E, H, I]
+            base = u.tensor.split(".experts.")[0] + ".experts."
+            key = base + ("down_proj" if u.role == Role.expert_down else "gate_up_proj")
+            sl = {Role.expert_gate: slice(0, inter), Role.expert_up: slice(inter, 2 * inter),
+                  Role.expert_down: slice(None)}[u.role]
+            w, f = params[key][u.expert, sl], fisher[key][u.expert, sl]
+        out[u.tensor] = [0.5 * (ids.shape[1] - 1) * float((f * rtn_error(w.detach(), c.bits, c.group_size).pow(2)).sum())
+                         for c in DEFAULT_CANDIDATES]
+    return out
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_moe_fused"])
+def test_layerwise_fisher_matches_full_model_autograd(name, calib_file, request):
+    path = request.getfixturevalue(name)
+    ckpt = Checkpoint(path)
+    inv = build_inventory(ckpt)
+    ids = calibration_windows(tokenize(path, calib_file), 4 * 64, 64, seed=0)
+    table = measure_errors(ckpt, inv, ids, list(DEFAULT_CANDIDATES))
+    ref = _reference_fisher_errors(path, ids, inv.quantized, ckpt.config.get("moe_intermediate_size", 0))
+    for u in inv.quantized:
+        np.testing.assert_allclose(table.errors[table.row(u.tensor)], ref[u.tensor], rtol=2e-3, atol=1e-12,
+                                   err_msg=u.tensor)
+    assert math.isfinite(table.meta["calibration_loss"])
+    experts = [r for r, t in enumerate(table.tensors) if ".experts." in t]
+    assert all(table.tokens[r] <= ids.numel() for r in experts)
+
+
+def test_local_error_is_frobenius_error_for_identity_inputs(tiny_llama, calib_file):
+    """tr(dW H dW^T)/tokens with H = X^T X: a sanity relation with the recorded token counts."""
+    ckpt = Checkpoint(tiny_llama)
+    inv = build_inventory(ckpt)
+    ids = calibration_windows(tokenize(tiny_llama, calib_file), 2 * 64, 64, seed=1)
+    table = measure_errors(ckpt, inv, ids, list(DEFAULT_CANDIDATES))
+    dense = [r for r, t in enumerate(table.tensors) if "self_attn" in t]
+    assert all(table.tokens[r] == ids.numel() for r in dense)
+    assert np.all(np.diff(table.local[dense], axis=1) < 0)  # more bits, less local error
+    assert np.all(np.diff(table.errors, axis=1) <= 0)
