@@ -112,3 +112,24 @@ def test_local_error_is_frobenius_error_for_identity_inputs(tiny_llama, calib_fi
     assert all(table.tokens[r] == ids.numel() for r in dense)
     assert np.all(np.diff(table.local[dense], axis=1) < 0)  # more bits, less local error
     assert np.all(np.diff(table.errors, axis=1) <= 0)
+
+
+def test_at_most_one_decoder_layer_is_materialised(tiny_moe, calib_file, heldout_file, monkeypatch):
+    """The pipelines never hold two decoder layers' weights at once (the rest stay on 'meta')."""
+    from bitalloc.model import layerwise
+
+    seen = []
+    original = layerwise.LayerwiseModel.load_layer
+
+    def checked(self, i):
+        live = [j for j, layer in enumerate(self.layers) if any(p.device.type != "meta" for p in layer.parameters())]
+        seen.append(live)
+        assert live == [], f"layers {live} still materialised when loading layer {i}"
+        return original(self, i)
+
+    monkeypatch.setattr(layerwise.LayerwiseModel, "load_layer", checked)
+    ckpt = Checkpoint(tiny_moe)
+    ids = calibration_windows(tokenize(tiny_moe, calib_file), 256, 128, seed=0)
+    measure_errors(ckpt, build_inventory(ckpt), ids, list(DEFAULT_CANDIDATES))
+    perplexity(ckpt, heldout_file, tokens=256, seqlen=128)
+    assert len(seen) == 2 * 2 + 2  # forward + backward passes, then evaluation

@@ -1,0 +1,39 @@
+# bitalloc: `make demo` sets everything up and runs the main job on the bundled demo model;
+# `make test` sets everything up and runs the test suite. Both only need python3 (>= 3.10).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+DEMO   ?= out/demo
+# The CPU build of torch; an unpinned torch would pull gigabytes of CUDA packages.
+TORCH  ?= torch==2.13.0
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+demo: install
+	$(BIN)/python examples/build_demo_model.py $(DEMO)
+	$(BIN)/allocate $(DEMO)/model --budget 3.0bpp --calib $(DEMO)/data/calib.txt --calib-tokens 16384 \
+		--save-scores $(DEMO)/scores.safetensors -o $(DEMO)/plan-3.0.json
+	$(BIN)/bitalloc eval $(DEMO)/model --plan $(DEMO)/plan-3.0.json --text $(DEMO)/data/heldout.txt
+	$(BIN)/bitalloc eval $(DEMO)/model --bits 3 --text $(DEMO)/data/heldout.txt
+	$(BIN)/bitalloc eval $(DEMO)/model --text $(DEMO)/data/heldout.txt
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/compare_baselines.py ../shared/models/llama-dense-16m \
+		--calib ../shared/data/python-calib.txt.xz --heldout ../shared/data/python-heldout.txt.xz
+	$(BIN)/python benchmarks/compare_baselines.py ../shared/models/qwen3moe-20m \
+		--calib ../shared/data/python-calib.txt.xz --heldout ../shared/data/python-heldout.txt.xz
+
+clean:
+	rm -rf $(VENV) out *.egg-info
