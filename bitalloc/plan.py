@@ -11,6 +11,7 @@ other tools can validate against (regenerate with ``python -m bitalloc.plan``).
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections import Counter, defaultdict
@@ -190,7 +191,7 @@ class Plan(_Strict):
         cands = {c.id for c in self.candidates}
         by_name = {e.tensor: e for e in self.entries}
         for e in self.entries:
-            if e.numel != _prod(e.shape):
+            if e.numel != math.prod(e.shape):
                 raise ValueError(f"{e.tensor}: numel {e.numel} does not match shape {e.shape}")
             if e.locked:
                 if e.bits != LOCKED_BITS or e.group_size is not None:
@@ -263,7 +264,7 @@ class Plan(_Strict):
         ]
         if self.timings:
             lines.append("time       " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items()))
-        header = f"{'':<14}" + "".join(f"{w:>3}b" for w in widths) + "   mean bpp"
+        header = f"{'':<14}" + "".join(f"{w:>3}b" for w in widths) + "   mean bpp   predicted (nats)"
         lines += ["", "bits by role", header]
         lines += _histogram_rows(counted, lambda e: e.role.value, widths)
         lines += ["", "bits by layer", header]
@@ -279,24 +280,18 @@ def _histogram_rows(entries: list[Entry], key, widths: list[int]) -> list[str]:
     for e in entries:
         groups[key(e)].append(e)
     rows = []
-    for name in sorted(groups, key=lambda s: (len(s), s)):
+    for name in sorted(groups, key=lambda s: (s.isdigit() and int(s), s)):
         es = groups[name]
         counts = Counter(e.bits for e in es)
         bpp = sum(e.storage_bits for e in es) / sum(e.numel for e in es)
-        rows.append(f"{name:<14}" + "".join(f"{counts.get(w, 0):>4}" for w in widths) + f"   {bpp:8.3f}")
+        pred = sum(e.predicted_error.get(e.candidate.id, 0.0) for e in es)
+        rows.append(f"{name:<14}" + "".join(f"{counts.get(w, 0):>4}" for w in widths) + f"   {bpp:8.3f}   {pred:16.5f}")
     return rows
-
-
-def _prod(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _as_matrix(shape: list[int]) -> tuple[int, int]:
     """Quantization groups run along the last (input) dimension."""
-    return _prod(shape[:-1]), shape[-1]
+    return math.prod(shape[:-1]), shape[-1]
 
 
 def atomic_write_text(path: Path, text: str) -> Path:

@@ -54,8 +54,10 @@ def tiny_config(arch: str) -> dict:
     common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, vocab_size=320, max_position_embeddings=256,
                   rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
-    if arch == "llama":
-        return {**common, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    dense = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+             "qwen3": "Qwen3ForCausalLM"}
+    if arch in dense:
+        return {**common, "model_type": arch, "architectures": [dense[arch]]}
     if arch == "qwen3_moe":
         return {**common, "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"],
                 "moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": True,

@@ -186,3 +186,14 @@ def test_corrupt_plan(tiny_llama, heldout_file, tmp_path, content, needle):
 def test_plan_and_bits_are_exclusive(tiny_llama, heldout_file, tmp_path):
     expect_user_error(run("eval", tiny_llama, "--plan", tmp_path / "p.json", "--bits", 3, "--text", heldout_file),
                       "either --plan or --bits")
+
+
+def test_include_lm_head_on_tied_model(tiny_llama, calib_file, heldout_file, tmp_path):
+    out = tmp_path / "p.json"
+    r = run("allocate", tiny_llama, "--budget", "4.0", "--calib", calib_file, "--calib-tokens", 512, "--seqlen", 128,
+            "--include-lm-head", "-o", out, "-q")
+    assert r.exit_code == 0, r.output
+    emb = Plan.load(out).entry_map()["model.embed_tokens.weight"]
+    assert not emb.locked and emb.predicted_error["b2g128"] > emb.predicted_error["b8g128"] > 0
+    r2 = run("eval", tiny_llama, "--plan", out, "--text", heldout_file, "--tokens", 256, "--seqlen", 128, "-q")
+    assert r2.exit_code == 0, r2.output

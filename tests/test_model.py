@@ -133,3 +133,19 @@ def test_at_most_one_decoder_layer_is_materialised(tiny_moe, calib_file, heldout
     measure_errors(ckpt, build_inventory(ckpt), ids, list(DEFAULT_CANDIDATES))
     perplexity(ckpt, heldout_file, tokens=256, seqlen=128)
     assert len(seen) == 2 * 2 + 2  # forward + backward passes, then evaluation
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3"])
+def test_other_dense_architectures(arch, tmp_path, heldout_file):
+    from .conftest import build_tiny_model
+
+    path = build_tiny_model(tmp_path / arch, arch)
+    inv = build_inventory(Checkpoint(path))
+    assert len(inv.quantized) == 2 * 7
+    if arch == "qwen2":  # q/k/v biases stay in full precision
+        assert {u.reason for u in inv.units if u.role == Role.bias} == {"bias"}
+    r = perplexity(Checkpoint(path), heldout_file, bits=4, tokens=256, seqlen=128)
+    ids = torch.from_numpy(tokenize(path, heldout_file)[:256].reshape(2, 128))
+    unquantized = perplexity(Checkpoint(path), heldout_file, tokens=256, seqlen=128)
+    assert unquantized.loss == pytest.approx(_reference_loss(path, ids), rel=1e-5)
+    assert r.loss != unquantized.loss

@@ -10,6 +10,7 @@ reads the same whichever layout the checkpoint uses.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Optional
@@ -21,19 +22,14 @@ _LAYER_RE = re.compile(r"^(?P<prefix>(?:.+\.)?layers)\.(?P<layer>\d+)\.(?P<local
 
 # local name inside a decoder block -> role, for 2-D linear weights
 _LINEAR_ROLES: list[tuple[re.Pattern[str], Role]] = [
-    (re.compile(r"^self_attn\.q_proj\.weight$"), Role.attn_q),
-    (re.compile(r"^self_attn\.k_proj\.weight$"), Role.attn_k),
-    (re.compile(r"^self_attn\.v_proj\.weight$"), Role.attn_v),
-    (re.compile(r"^self_attn\.o_proj\.weight$"), Role.attn_o),
-    (re.compile(r"^mlp\.gate_proj\.weight$"), Role.mlp_gate),
-    (re.compile(r"^mlp\.up_proj\.weight$"), Role.mlp_up),
-    (re.compile(r"^mlp\.down_proj\.weight$"), Role.mlp_down),
-    (re.compile(r"^mlp\.experts\.(?P<expert>\d+)\.gate_proj\.weight$"), Role.expert_gate),
-    (re.compile(r"^mlp\.experts\.(?P<expert>\d+)\.up_proj\.weight$"), Role.expert_up),
-    (re.compile(r"^mlp\.experts\.(?P<expert>\d+)\.down_proj\.weight$"), Role.expert_down),
-    (re.compile(r"^mlp\.shared_experts?\.gate_proj\.weight$"), Role.shared_gate),
-    (re.compile(r"^mlp\.shared_experts?\.up_proj\.weight$"), Role.shared_up),
-    (re.compile(r"^mlp\.shared_experts?\.down_proj\.weight$"), Role.shared_down),
+    (re.compile(rf"^{scope}\.{proj}_proj\.weight$"), Role(f"{family}_{proj}"))
+    for scope, family, projs in [
+        (r"self_attn", "attn", ("q", "k", "v", "o")),
+        (r"mlp", "mlp", ("gate", "up", "down")),
+        (r"mlp\.experts\.(?P<expert>\d+)", "expert", ("gate", "up", "down")),
+        (r"mlp\.shared_experts?", "shared", ("gate", "up", "down")),
+    ]
+    for proj in projs
 ]
 _ROUTER_RE = re.compile(r"^mlp\.(gate|shared_expert_gate)\.weight$")
 _FUSED_RE = re.compile(r"^mlp\.experts\.(?P<which>gate_up_proj|down_proj)(?:\.weight)?$")
@@ -60,10 +56,7 @@ class Unit:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def local(self) -> str:
