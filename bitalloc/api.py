@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 def compute_scores(model: str | Path, calib: str | Path, candidates: Sequence[Candidate] = DEFAULT_CANDIDATES,
                    calib_tokens: int = CALIB_TOKENS, seqlen: int = CALIB_SEQLEN, seed: int = 0,
-                   include_lm_head: bool = False, include_embeddings: bool = False, device: str = "cpu",
+                   include_lm_head: bool = False, include_embeddings: bool = False, device: str = "auto",
                    track: Tracker = SILENT) -> ErrorTable:
     """One calibration pass: the predicted loss increase of every unit at every candidate."""
     ckpt = Checkpoint(model)
@@ -49,8 +49,10 @@ def compute_scores(model: str | Path, calib: str | Path, candidates: Sequence[Ca
 
 def _measure(ckpt: Checkpoint, inv: Inventory, calib: str | Path, candidates: list[Candidate], calib_tokens: int,
              seqlen: int, seed: int, device: str, track: Tracker) -> ErrorTable:
+    from .model.layerwise import resolve_device
     from .sensitivity import measure_errors
 
+    resolve_device(device)  # a bad device fails before tokenizing
     windows = calibration_windows(tokenize(ckpt.path, calib), calib_tokens, seqlen, seed)
     table = measure_errors(ckpt, inv, windows, candidates, device=device, track=track)
     table.meta["calibration"] = {"file": str(calib), "sha256": file_sha256(calib), "tokens": int(windows.numel()),
@@ -61,7 +63,7 @@ def _measure(ckpt: Checkpoint, inv: Inventory, calib: str | Path, candidates: li
 def allocate(model: str | Path, budget: str | float, calib: Optional[str | Path] = None,
              scores: Optional[str | Path | ErrorTable] = None, candidates: Sequence[Candidate] = DEFAULT_CANDIDATES,
              calib_tokens: int = CALIB_TOKENS, seqlen: int = CALIB_SEQLEN, seed: int = 0,
-             include_lm_head: bool = False, include_embeddings: bool = False, device: str = "cpu",
+             include_lm_head: bool = False, include_embeddings: bool = False, device: str = "auto",
              save_scores: Optional[str | Path] = None, time_limit_s: float = 60.0,
              track: Tracker = SILENT) -> Plan:
     """Choose bits for every tensor of ``model`` so that the total meets ``budget`` exactly.
@@ -154,7 +156,7 @@ def build_plan(ckpt: Checkpoint, inv: Inventory, problem: Problem, assignment: A
 
 
 def evaluate(model: str | Path, text: str | Path, plan: Optional[Plan | str | Path] = None, bits: Optional[int] = None,
-             group_size: int = 128, tokens: int = EVAL_TOKENS, seqlen: int = EVAL_SEQLEN, device: str = "cpu",
+             group_size: int = 128, tokens: int = EVAL_TOKENS, seqlen: int = EVAL_SEQLEN, device: str = "auto",
              track: Tracker = SILENT) -> "EvalResult":
     """Held-out perplexity after RTN fake-quantization by ``plan`` or uniform ``bits`` (neither: unquantized)."""
     from .eval import perplexity

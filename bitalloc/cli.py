@@ -39,14 +39,6 @@ def _user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def _device(name: str) -> str:
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _parse_candidates(text: str):
     from .plan import Candidate
 
@@ -87,7 +79,7 @@ def allocate_cmd(
     with tracker(quiet) as track:
         plan = allocate(model, budget, calib=calib, scores=scores, candidates=_parse_candidates(candidates),
                         calib_tokens=calib_tokens, seqlen=seqlen, seed=seed, include_lm_head=include_lm_head,
-                        include_embeddings=include_embeddings, device=_device(device), save_scores=save_scores,
+                        include_embeddings=include_embeddings, device=device, save_scores=save_scores,
                         time_limit_s=time_limit, track=track)
     plan.save(output)
     if not quiet:
@@ -117,7 +109,7 @@ def eval_cmd(
         raise BitallocError("give either --plan or --bits, not both")
     with tracker(quiet) as track:
         r = evaluate(model, text, plan=plan, bits=bits, group_size=group, tokens=tokens, seqlen=seqlen,
-                     device=_device(device), track=track)
+                     device=device, track=track)
     if as_json:
         typer.echo(json.dumps({"perplexity": r.perplexity, "loss": r.loss, "tokens": r.tokens, "seconds": r.seconds,
                                "label": r.label, "plan": str(plan) if plan else None}))
@@ -148,7 +140,7 @@ def scores_cmd(
     check_writable(output)
     with tracker(quiet) as track:
         table = compute_scores(model, calib, _parse_candidates(candidates), calib_tokens, seqlen, seed,
-                               include_lm_head, include_embeddings, _device(device), track)
+                               include_lm_head, include_embeddings, device, track)
     table.save(output)
     if not quiet:
         typer.echo(f"wrote {output}: {len(table.tensors)} tensors x {len(table.candidates)} candidates")

@@ -22,7 +22,7 @@ from .data import EVAL_SEQLEN, EVAL_TOKENS, eval_windows, tokenize
 from .errors import PlanError
 from .model.checkpoint import Checkpoint
 from .model.inventory import Unit, build_inventory
-from .model.layerwise import LayerwiseModel, iter_batches, unit_view
+from .model.layerwise import LayerwiseModel, iter_batches, resolve_device, unit_view
 from .plan import Candidate, Plan, Role
 from .progress import SILENT, Tracker
 from .rounding.rtn import rtn_dequantize
@@ -63,9 +63,10 @@ def check_plan_matches(plan: Plan, ckpt: Checkpoint) -> None:
 
 
 def perplexity(ckpt: Checkpoint, text: str, plan: Optional[Plan] = None, bits: Optional[int] = None,
-               group_size: int = 128, tokens: int = EVAL_TOKENS, seqlen: int = EVAL_SEQLEN, device: str = "cpu",
+               group_size: int = 128, tokens: int = EVAL_TOKENS, seqlen: int = EVAL_SEQLEN, device: str = "auto",
                track: Tracker = SILENT) -> EvalResult:
     t0 = time.perf_counter()
+    resolve_device(device)  # before any slow step
     qmap = quantization_map(ckpt, plan, bits, group_size)
     label = "plan" if plan is not None else (f"uniform {bits}-bit g{group_size}" if bits else "unquantized")
     ids = eval_windows(tokenize(ckpt.path, text), tokens, seqlen)

@@ -16,7 +16,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+_ROOT = Path(__file__).resolve().parents[1]
+# the reference data: $BITALLOC_SHARED, else shared/ inside the checkout, else beside it
+SHARED = Path(os.environ.get("BITALLOC_SHARED") or next(
+    (p for p in (_ROOT / "shared", _ROOT.parent / "shared") if p.is_dir()), _ROOT.parent / "shared"))
 DENSE = SHARED / "models" / "llama-dense-16m"
 MOE = SHARED / "models" / "qwen3moe-20m"
 CALIB = SHARED / "data" / "python-calib.txt.xz"

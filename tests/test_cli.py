@@ -197,3 +197,12 @@ def test_include_lm_head_on_tied_model(tiny_llama, calib_file, heldout_file, tmp
     assert not emb.locked and emb.predicted_error["b2g128"] > emb.predicted_error["b8g128"] > 0
     r2 = run("eval", tiny_llama, "--plan", out, "--text", heldout_file, "--tokens", 256, "--seqlen", 128, "-q")
     assert r2.exit_code == 0, r2.output
+
+
+@pytest.mark.parametrize("device", ["tpu9", "cuda:0"])
+def test_bad_device(tiny_llama, heldout_file, device):
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    expect_user_error(run("eval", tiny_llama, "--text", heldout_file, "--device", device), "device")

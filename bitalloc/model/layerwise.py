@@ -17,7 +17,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import BitallocError, CheckpointError
 from ..plan import Role
 from .checkpoint import Checkpoint
 from .inventory import Unit
@@ -55,7 +55,7 @@ class LayerwiseModel:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.ckpt = ckpt
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         try:
             config = AutoConfig.from_pretrained(ckpt.path, local_files_only=True, trust_remote_code=False)
         except Exception as exc:
@@ -145,6 +145,19 @@ class LayerwiseModel:
         return int(self.config.hidden_size)
 
 
+def resolve_device(name: str | torch.device) -> torch.device:
+    """'auto' picks the first GPU when there is one; anything torch cannot use is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise BitallocError(f"unknown device {name!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BitallocError(f"device {name!r} asked for, but torch sees no CUDA GPU here")
+    return device
+
+
 def unit_param(layer: nn.Module, unit: Unit) -> tuple[nn.Parameter, str]:
     """The parameter of a materialised layer that holds ``unit`` (a fused 3-D one for fused experts)."""
     params = dict(layer.named_parameters())
@@ -169,16 +182,25 @@ def unit_slice(full: torch.Tensor, layer: nn.Module, unit: Unit) -> torch.Tensor
     """The same slice as :func:`unit_view` applied to another tensor shaped like the parameter (e.g. its grad)."""
     if unit.role not in _EXPERT_ROLES or full.dim() == 2:
         return full
-    experts = layer.get_submodule("mlp.experts")
-    w = full[unit.expert]
+    return expert_slice(full, layer.get_submodule("mlp.experts"), unit.role, unit.expert)
+
+
+def expert_slice(full: torch.Tensor, experts: nn.Module, role: Role, expert: int) -> torch.Tensor:
+    """[out, in] view of one expert's gate, up or down weight inside transformers' fused 3-D tensors.
+
+    The layout flags are the ones transformers' experts interface sets on the module:
+    ``is_transposed`` ([E, in, out] storage) and ``is_concatenated`` ([gate; up] rather than
+    interleaved rows).
+    """
+    w = full[expert]
     if getattr(experts, "is_transposed", False):
         w = w.T
-    if unit.role != Role.expert_down:
+    if role != Role.expert_down:
         inter = w.shape[0] // 2
         if getattr(experts, "is_concatenated", True):
-            w = w[:inter] if unit.role == Role.expert_gate else w[inter:]
+            w = w[:inter] if role == Role.expert_gate else w[inter:]
         else:
-            w = w[0::2] if unit.role == Role.expert_gate else w[1::2]
+            w = w[0::2] if role == Role.expert_gate else w[1::2]
     return w
 
 

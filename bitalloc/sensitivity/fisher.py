@@ -36,7 +36,8 @@ from torch import nn
 
 from ..model.checkpoint import Checkpoint
 from ..model.inventory import Inventory, Unit
-from ..model.layerwise import ActivationStore, LayerwiseModel, iter_batches, unit_param, unit_slice, unit_view
+from ..model.layerwise import (ActivationStore, LayerwiseModel, expert_slice, iter_batches, unit_param, unit_slice,
+                               unit_view)
 from ..plan import Candidate, Role
 from ..progress import SILENT, Tracker
 from ..rounding.rtn import rtn_error
@@ -53,6 +54,7 @@ class _UnitStats:
     def __init__(self, layer: nn.Module, units: list[Unit]):
         self.units = units
         self.fisher: dict[str, torch.Tensor] = {}
+        params = dict(layer.named_parameters())
         for u in units:
             p, name = unit_param(layer, u)
             if name not in self.fisher:
@@ -64,7 +66,7 @@ class _UnitStats:
         linear_units: dict[str, list[Unit]] = defaultdict(list)
         expert_units: list[Unit] = []
         for u in units:
-            if u.role in (Role.expert_gate, Role.expert_up, Role.expert_down) and u.local not in dict(layer.named_parameters()):
+            if u.role in (Role.expert_gate, Role.expert_up, Role.expert_down) and u.local not in params:
                 expert_units.append(u)
             else:
                 linear_units[u.module.split(f".{u.layer}.", 1)[1]].append(u)
@@ -72,7 +74,7 @@ class _UnitStats:
             self.hooks.append(layer.get_submodule(local_module).register_forward_hook(self._linear_hook(us)))
         if expert_units:
             experts = layer.get_submodule("mlp.experts")
-            self.hooks.append(experts.register_forward_hook(self._experts_hook(experts, layer, expert_units)))
+            self.hooks.append(experts.register_forward_hook(self._experts_hook(experts, expert_units)))
 
     def _add(self, unit: Unit, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
@@ -89,7 +91,7 @@ class _UnitStats:
                 self._add(u, inputs[0])
         return hook
 
-    def _experts_hook(self, experts: nn.Module, layer: nn.Module, units: list[Unit]):
+    def _experts_hook(self, experts: nn.Module, units: list[Unit]):
         """Routed inputs per expert for transformers' fused experts (hidden, top_k_index, top_k_weights)."""
         by_expert: dict[int, list[Unit]] = defaultdict(list)
         for u in units:
@@ -106,8 +108,9 @@ class _UnitStats:
                         if r in role:
                             self._add(role[r], x)
                     if Role.expert_down in role:
-                        w = {r: unit_view(layer, Unit("", "", (), r, expert=e)) for r in (Role.expert_gate, Role.expert_up)}
-                        inter = experts.act_fn(x @ w[Role.expert_gate].T) * (x @ w[Role.expert_up].T)
+                        gate = expert_slice(experts.gate_up_proj.data, experts, Role.expert_gate, e)
+                        up = expert_slice(experts.gate_up_proj.data, experts, Role.expert_up, e)
+                        inter = experts.act_fn(x @ gate.T) * (x @ up.T)
                         self._add(role[Role.expert_down], inter)
         return hook
 
@@ -135,7 +138,7 @@ def _unit_errors(w: torch.Tensor, fisher: torch.Tensor, hessian: Optional[torch.
 
 
 def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidates: list[Candidate],
-                   device: str = "cpu", track: Tracker = SILENT, workdir: Optional[str] = None) -> ErrorTable:
+                   device: str = "auto", track: Tracker = SILENT, workdir: Optional[str] = None) -> ErrorTable:
     """Run the calibration pass and return the error table of every unlocked unit of ``inv``."""
     lm = LayerwiseModel(ckpt, device)
     n_seq, seqlen = ids.shape
@@ -205,8 +208,7 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
                 stats.accumulate_grads(layer)
             stats.close()
             for u in stats.units:
-                p, name = unit_param(layer, u)
-                f = unit_slice(stats.fisher[name], layer, u) / n_seq
+                f = unit_slice(stats.fisher[unit_param(layer, u)[1]], layer, u) / n_seq
                 r = rows[u.tensor]
                 tokens[r] = stats.tokens[u.tensor]
                 errors[r], local[r] = _unit_errors(unit_view(layer, u), f, stats.hessian.get(u.tensor), tokens[r],
