@@ -90,6 +90,8 @@ def allocate(model: str | Path, budget: str | float, calib: Optional[str | Path]
     if scores is not None:
         table = scores if isinstance(scores, ErrorTable) else ErrorTable.load(scores)
         table.check_matches(ckpt.config_sha256, ckpt.index_sha256, candidates, [u.tensor for u in units])
+        if calib is not None:  # both given: the table must come from this calibration text
+            table.check_calibration(file_sha256(calib))
     elif calib is not None:
         t0 = time.perf_counter()
         table = _measure(ckpt, inv, calib, candidates, calib_tokens, seqlen, seed, device, track)

@@ -70,6 +70,9 @@ def read_text(path: str | Path) -> str:
 
 def load_tokenizer(model_path: str | Path):
     from transformers import AutoTokenizer
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # long calibration files trip "sequence longer than max length" notes
 
     try:
         return AutoTokenizer.from_pretrained(str(model_path), local_files_only=True, trust_remote_code=False)

@@ -263,7 +263,7 @@ class Plan(_Strict):
             + f", {self.solver.seconds:.2f} s",
         ]
         if self.timings:
-            lines.append("time       " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items()))
+            lines.append("time       " + ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in self.timings.items()))
         header = f"{'':<14}" + "".join(f"{w:>3}b" for w in widths) + "   mean bpp   predicted (nats)"
         lines += ["", "bits by role", header]
         lines += _histogram_rows(counted, lambda e: e.role.value, widths)

@@ -91,3 +91,10 @@ class ErrorTable:
         if absent:
             raise ScoresError(f"score file does not cover {absent[0]} (computed with other --include flags?); "
                               "recompute with --calib")
+
+    def check_calibration(self, sha256: str) -> None:
+        """Refuse a table computed from other calibration text than the file the user named."""
+        recorded = (self.meta.get("calibration") or {}).get("sha256")
+        if recorded != sha256:
+            raise ScoresError("score file was computed from other calibration text; drop --calib to reuse it, "
+                              "or drop --scores to recompute")

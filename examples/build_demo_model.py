@@ -5,7 +5,7 @@
 Everything is local and offline: the text is the CPython standard library source that
 ships with the interpreter, split by file hash into training (also used for calibration)
 and held-out files; a byte-level BPE tokenizer is trained on the training split; a 4-layer
-Llama is trained for a few hundred steps on CPU (about a minute on 2 cores). The result is a
+Llama is trained for a few hundred steps on CPU (about three minutes on 2 cores). The result is a
 regular Hugging Face checkpoint (config.json, model.safetensors, tokenizer.json), which the
 demo then allocates and evaluates like any user's model. Idempotent: an existing build is
 kept.

@@ -41,6 +41,9 @@ def test_allocate_eval_end_to_end(tiny_llama, calib_file, heldout_file, tmp_path
     r2 = run("allocate", tiny_llama, "--budget", "2.5", "--scores", score_path, "-o", tmp_path / "p2.json", "-q")
     assert r2.exit_code == 0 and r2.output == ""
     assert Plan.load(tmp_path / "p2.json").budget.achieved_bpp <= 2.5
+    both = run("allocate", tiny_llama, "--budget", "2.5", "--scores", score_path, "--calib", calib_file,
+               "-o", tmp_path / "p3.json", "-q")
+    assert both.exit_code == 0, both.output  # same calibration text: the saved table is reused
     r3 = run("eval", tiny_llama, "--plan", plan_path, "--text", heldout_file, "--tokens", 512, "--seqlen", 128,
              "--json", "-q")
     assert r3.exit_code == 0, r3.output
@@ -206,3 +209,9 @@ def test_bad_device(tiny_llama, heldout_file, device):
     if device.startswith("cuda") and torch.cuda.is_available():
         pytest.skip("a GPU is present")
     expect_user_error(run("eval", tiny_llama, "--text", heldout_file, "--device", device), "device")
+
+
+def test_scores_from_other_calibration_text_are_refused(tiny_llama, scores, heldout_file, tmp_path):
+    out = tmp_path / "p.json"
+    expect_user_error(run("allocate", tiny_llama, "--budget", "3", "--scores", scores, "--calib", heldout_file,
+                          "-o", out), "other calibration text", written=out)
