@@ -19,19 +19,20 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import numpy as np
 
 from . import __version__
-from .allocator import Assignment, Problem, build_problem, solve_ilp
+from .allocator import SOLVERS, Assignment, Constraints, Problem, build_problem, solve
 from .budget import Budget, parse_budget
 from .data import CALIB_SEQLEN, CALIB_TOKENS, EVAL_SEQLEN, EVAL_TOKENS, calibration_windows, file_sha256, tokenize
-from .errors import BitallocError
+from .errors import BitallocError, ConstraintError, ScoresError
 from .model.checkpoint import Checkpoint
 from .model.inventory import Inventory, build_inventory
-from .plan import (DEFAULT_CANDIDATES, LOCKED_BITS, BudgetInfo, CalibrationInfo, Candidate, Entry, ModelInfo, Plan,
-                   ScoresInfo, SolverInfo)
+from .plan import (DEFAULT_CANDIDATES, LOCKED_BITS, BudgetInfo, CalibrationInfo, Candidate, ConstraintsInfo, Entry,
+                   ModelInfo, Plan, Role, ScoresInfo, SolverInfo)
 from .progress import SILENT, Tracker
 from .scores import ErrorTable
 
 if TYPE_CHECKING:
     from .eval import EvalResult
+    from .frontier import FrontierPoint
 
 # torch and transformers are imported only by the steps that run the model, so re-solving a
 # saved error table (allocate --scores) starts in well under a second.
@@ -64,8 +65,9 @@ def allocate(model: str | Path, budget: str | float, calib: Optional[str | Path]
              scores: Optional[str | Path | ErrorTable] = None, candidates: Sequence[Candidate] = DEFAULT_CANDIDATES,
              calib_tokens: int = CALIB_TOKENS, seqlen: int = CALIB_SEQLEN, seed: int = 0,
              include_lm_head: bool = False, include_embeddings: bool = False, device: str = "auto",
-             save_scores: Optional[str | Path] = None, time_limit_s: float = 60.0,
-             track: Tracker = SILENT) -> Plan:
+             save_scores: Optional[str | Path] = None, solver: str = "auto",
+             constraints: Optional[Constraints] = None, time_table: Optional[dict[str, float]] = None,
+             time_budget: Optional[float] = None, time_limit_s: float = 60.0, track: Tracker = SILENT) -> Plan:
     """Choose bits for every tensor of ``model`` so that the total meets ``budget`` exactly.
 
     Args:
@@ -74,22 +76,33 @@ def allocate(model: str | Path, budget: str | float, calib: Optional[str | Path]
         calib: calibration text (.txt, .jsonl, optionally .xz/.gz); needed unless ``scores`` is given.
         scores: a saved error table (path or object) to re-solve without recomputing sensitivities.
         save_scores: where to save the error table computed from ``calib``.
+        solver: ``auto`` (exact up to 2e5 groups, Lagrangian beyond), ``ilp``, ``lagrangian``,
+            ``closed-form`` (BAQ water-filling) or ``greedy``.
+        constraints: pins (``"lm_head=8"``; a pin on lm_head or the embedding unlocks it), bit bounds.
+        time_table, time_budget: seconds per parameter of each candidate id, and the total allowed.
     Returns:
         The validated :class:`Plan`; nothing is written unless ``save_scores`` is set.
     """
     t_start = time.perf_counter()
+    if solver not in SOLVERS:
+        raise ConstraintError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     ckpt = Checkpoint(model)
-    inv = build_inventory(ckpt, include_lm_head, include_embeddings)
+    constraints = constraints or Constraints()
+    inv = _inventory(ckpt, include_lm_head, include_embeddings, constraints)
     parsed = parse_budget(budget)
     candidates = list(candidates)
     units = inv.quantized
-    # Fail on an infeasible budget before the (long) calibration pass.
+    allowed = constraints.allowed([u.tensor for u in units], [u.role.value for u in units], candidates,
+                                  _aliases(inv))
+    time_per_param = _time_per_param(time_table, candidates) if time_budget is not None else None
+    needs_errors = [u.tensor for u, row in zip(units, allowed) if row.sum() > 1]
+    # Fail on an infeasible budget or contradictory constraints before the (long) calibration pass.
     build_problem([u.tensor for u in units], [u.shape for u in units], np.zeros((len(units), len(candidates))),
-                  candidates, [g.members for g in inv.tie_groups], parsed)
+                  candidates, [g.members for g in inv.tie_groups], parsed, allowed, time_per_param, time_budget)
     timings: dict[str, float] = {}
     if scores is not None:
         table = scores if isinstance(scores, ErrorTable) else ErrorTable.load(scores)
-        table.check_matches(ckpt.config_sha256, ckpt.index_sha256, candidates, [u.tensor for u in units])
+        table.check_matches(ckpt.config_sha256, ckpt.index_sha256, candidates, needs_errors)
         if calib is not None:  # both given: the table must come from this calibration text
             table.check_calibration(file_sha256(calib))
     elif calib is not None:
@@ -100,25 +113,72 @@ def allocate(model: str | Path, budget: str | float, calib: Optional[str | Path]
             table.save(save_scores)
     else:
         raise BitallocError("give calibration text (--calib) or a saved score file (--scores)")
-    problem = problem_from_table(inv, table, candidates, parsed)
-    task = track.task("solve (CP-SAT)", 1)
-    assignment = solve_ilp(problem, time_limit_s=time_limit_s, seed=seed)
+    problem = problem_from_table(inv, table, candidates, parsed, allowed, time_per_param, time_budget)
+    task = track.task(f"solve ({solver})", 1)
+    assignment = solve(problem, solver, time_limit_s=time_limit_s, seed=seed)
     task.advance()
     timings["solve_s"] = assignment.seconds
     timings["total_s"] = time.perf_counter() - t_start
-    return build_plan(ckpt, inv, problem, assignment, table, parsed, timings)
+    info = None if constraints.empty and time_budget is None else ConstraintsInfo(
+        pins=list(constraints.pins), min_bits=constraints.min_bits, max_bits=constraints.max_bits,
+        role_bits=list(constraints.role_bits), time_budget=time_budget)
+    return build_plan(ckpt, inv, problem, assignment, table, parsed, timings, constraints, info)
 
 
-def problem_from_table(inv: Inventory, table: ErrorTable, candidates: Sequence[Candidate], budget: Budget) -> Problem:
+def _aliases(inv: Inventory) -> dict[str, list[str]]:
+    """With tied embeddings the one embedding tensor is also the output head, so pins on lm_head reach it."""
+    if not inv.tied_embeddings:
+        return {}
+    return {u.tensor: ["lm_head.weight"] for u in inv.units if u.role == Role.embedding}
+
+
+def _inventory(ckpt: Checkpoint, include_lm_head: bool, include_embeddings: bool, constraints: Constraints) -> Inventory:
+    """The inventory, with lm_head / embedding unlocked when a pin names them.
+
+    Pins never reach tensors that are not linear weights (norms, biases, routers): a pattern such
+    as ``layers\\.0\\.`` pins the quantizable tensors of layer 0 and leaves its norms alone.
+    """
+    inv = build_inventory(ckpt, include_lm_head, include_embeddings)
+    aliases = _aliases(inv)
+    for u in inv.units:
+        if u.locked and constraints.pin_for(u.tensor, aliases.get(u.tensor, ())) is not None:
+            if u.role == Role.lm_head or (u.role == Role.embedding and inv.tied_embeddings):
+                include_lm_head = True
+            elif u.role == Role.embedding:
+                include_embeddings = True
+    inv = build_inventory(ckpt, include_lm_head, include_embeddings)
+    constraints.check_all_pins_match([u.tensor for u in inv.quantized], _aliases(inv))
+    return inv
+
+
+def _time_per_param(table: Optional[dict[str, float]], candidates: Sequence[Candidate]) -> list[float]:
+    if not table:
+        raise ConstraintError("a time budget needs a time table: seconds per parameter for each candidate id")
+    missing = [c.id for c in candidates if c.id not in table]
+    if missing:
+        raise ConstraintError(f"the time table has no entry for candidate(s) {', '.join(missing)}")
+    return [float(table[c.id]) for c in candidates]
+
+
+def problem_from_table(inv: Inventory, table: ErrorTable, candidates: Sequence[Candidate], budget: Budget,
+                       allowed: Optional[np.ndarray] = None, time_per_param: Optional[Sequence[float]] = None,
+                       time_budget: Optional[float] = None) -> Problem:
+    """The solver's problem for ``inv``'s unlocked units; units fixed by a pin need no table row."""
     units = inv.quantized
     cols = [table.column(c) for c in candidates]
-    errors = table.errors[[table.row(u.tensor) for u in units]][:, cols]
+    errors = np.zeros((len(units), len(candidates)))
+    for i, u in enumerate(units):
+        if table.has(u.tensor):
+            errors[i] = table.errors[table.row(u.tensor), cols]
+        elif allowed is None or allowed[i].sum() > 1:
+            raise ScoresError(f"score file has no errors for {u.tensor}")
     return build_problem([u.tensor for u in units], [u.shape for u in units], errors, candidates,
-                         [g.members for g in inv.tie_groups], budget)
+                         [g.members for g in inv.tie_groups], budget, allowed, time_per_param, time_budget)
 
 
 def build_plan(ckpt: Checkpoint, inv: Inventory, problem: Problem, assignment: Assignment, table: ErrorTable,
-               budget: Budget, timings: Optional[dict[str, float]] = None) -> Plan:
+               budget: Budget, timings: Optional[dict[str, float]] = None,
+               constraints: Optional[Constraints] = None, constraints_info: Optional[ConstraintsInfo] = None) -> Plan:
     """Assemble the validated plan for ``assignment`` (any solver or baseline)."""
     unit_choice = dict(zip(problem.unit_names, problem.unit_choices(assignment.choice)))
     entries = []
@@ -129,9 +189,13 @@ def build_plan(ckpt: Checkpoint, inv: Inventory, problem: Problem, assignment: A
             entries.append(Entry(**common, bits=LOCKED_BITS, bpp=float(LOCKED_BITS), locked=True, reason=u.reason))
             continue
         c = problem.candidates[unit_choice[u.tensor]]
-        r = table.row(u.tensor)
-        pred = {cand.id: float(table.errors[r, table.column(cand)]) for cand in problem.candidates}
-        e = Entry(**common, bits=c.bits, group_size=c.group_size, symmetric=c.symmetric, bpp=0.0, predicted_error=pred)
+        pred = {}
+        if table.has(u.tensor):
+            r = table.row(u.tensor)
+            pred = {cand.id: float(table.errors[r, table.column(cand)]) for cand in problem.candidates}
+        pin = constraints.pin_for(u.tensor, _aliases(inv).get(u.tensor, ())) if constraints is not None else None
+        e = Entry(**common, bits=c.bits, group_size=c.group_size, symmetric=c.symmetric, bpp=0.0, predicted_error=pred,
+                  reason=f"pinned by '{pin.text}'" if pin else None)
         entries.append(e.model_copy(update={"bpp": e.storage_bits / e.numel}))
     counted_bits = problem.total_bits(assignment.choice)
     locked_bits = sum(e.storage_bits for e in entries if e.locked)
@@ -149,12 +213,46 @@ def build_plan(ckpt: Checkpoint, inv: Inventory, problem: Problem, assignment: A
         entries=entries,
         solver=SolverInfo(name=assignment.solver, status=assignment.status, objective=assignment.objective,
                           bound=assignment.bound, gap=assignment.gap, seconds=assignment.seconds,
-                          objective_scale=assignment.objective_scale),
+                          objective_scale=assignment.objective_scale, note=assignment.note),
+        constraints=constraints_info,
         calibration=CalibrationInfo(**cal) if cal else None,
         scores=ScoresInfo(predictor=table.meta.get("predictor", "unknown"), formula=table.meta.get("formula", ""),
                           calibration_loss=table.meta.get("calibration_loss")),
         timings=timings or {},
     )
+
+
+def frontier(model: str | Path, targets: Sequence[float], calib: Optional[str | Path] = None,
+             scores: Optional[str | Path | ErrorTable] = None, eval_text: Optional[str | Path] = None,
+             eval_tokens: int = EVAL_TOKENS, track: Tracker = SILENT, **kwargs) -> list["FrontierPoint"]:
+    """Plans for every bpp in ``targets`` from one error table; optionally their held-out perplexity.
+
+    ``kwargs`` are passed to :func:`allocate` (candidates, solver, constraints, ...).
+    """
+    from .frontier import sweep
+
+    if scores is None:
+        if calib is None:
+            raise BitallocError("give calibration text (--calib) or a saved score file (--scores)")
+        keys = ("candidates", "calib_tokens", "seqlen", "seed", "device")
+        scores = compute_scores(model, calib, track=track, **{k: kwargs[k] for k in keys if k in kwargs})
+    elif not isinstance(scores, ErrorTable):
+        scores = ErrorTable.load(scores)
+    task = track.task("frontier (solve)", len(targets))
+
+    def solve_one(bpp: float) -> Plan:
+        try:
+            return allocate(model, f"{bpp:g}bpp", scores=scores, **kwargs)
+        finally:
+            task.advance()
+
+    points = sweep(solve_one, targets)
+    if eval_text is not None:
+        device = kwargs.get("device", "auto")
+        for p in points:
+            p.perplexity = evaluate(model, eval_text, plan=p.plan, tokens=eval_tokens, device=device,
+                                    track=track).perplexity
+    return points
 
 
 def evaluate(model: str | Path, text: str | Path, plan: Optional[Plan | str | Path] = None, bits: Optional[int] = None,

@@ -49,6 +49,26 @@ def _parse_candidates(text: str):
         raise BitallocError(f"cannot parse --candidates {text!r}: use e.g. '2,3,4,8' or '2g64,3g128,4g128'") from None
 
 
+_SOLVER_HELP = "auto (exact; Lagrangian beyond 2e5 groups) | ilp | lagrangian | closed-form | greedy."
+_PIN_HELP = "Fix tensors matching REGEX (re.search on the tensor name): 'REGEX=BITS' or 'REGEX=BITSgGROUP'. Repeatable."
+
+
+def _constraints(pin: list[str], min_bits: Optional[int], max_bits: Optional[int], role_bits: list[str]):
+    from .allocator import Constraints
+
+    return Constraints(tuple(pin), min_bits, max_bits, tuple(role_bits))
+
+
+def _time_table(path: Optional[Path]) -> Optional[dict[str, float]]:
+    if path is None:
+        return None
+    try:
+        table = json.loads(path.read_text())
+        return {str(k): float(v) for k, v in table.items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        raise BitallocError(f"cannot read time table {path}: expected JSON {{candidate id: seconds per parameter}}") from None
+
+
 @app.command("allocate")
 @_user_errors
 def allocate_cmd(
@@ -59,6 +79,13 @@ def allocate_cmd(
     scores: Optional[Path] = typer.Option(None, "--scores", help="Re-solve from a saved error table instead of calibrating."),
     save_scores: Optional[Path] = typer.Option(None, "--save-scores", help="Save the computed error table here."),
     candidates: str = typer.Option("2,3,4,8", help="Bit widths (optionally with group: '2g64,4g128'); default group 128."),
+    solver: str = typer.Option("auto", help=_SOLVER_HELP),
+    pin: list[str] = typer.Option([], "--pin", help=_PIN_HELP),
+    min_bits: Optional[int] = typer.Option(None, help="Lowest bit width any unpinned tensor may get."),
+    max_bits: Optional[int] = typer.Option(None, help="Highest bit width any unpinned tensor may get."),
+    role_bits: list[str] = typer.Option([], "--role-bits", help="Per-role range 'ROLE=LO:HI' (e.g. attn_v=4:8). Repeatable."),
+    time_table: Optional[Path] = typer.Option(None, help="JSON {candidate id: kernel seconds per parameter}."),
+    time_budget: Optional[float] = typer.Option(None, help="Total kernel seconds allowed (needs --time-table)."),
     calib_tokens: int = typer.Option(32768, help="Calibration tokens (windows of --seqlen)."),
     seqlen: int = typer.Option(512, help="Calibration window length in tokens."),
     seed: int = typer.Option(0, help="Seed for calibration window sampling and the solver."),
@@ -80,11 +107,59 @@ def allocate_cmd(
         plan = allocate(model, budget, calib=calib, scores=scores, candidates=_parse_candidates(candidates),
                         calib_tokens=calib_tokens, seqlen=seqlen, seed=seed, include_lm_head=include_lm_head,
                         include_embeddings=include_embeddings, device=device, save_scores=save_scores,
-                        time_limit_s=time_limit, track=track)
+                        solver=solver, constraints=_constraints(pin, min_bits, max_bits, role_bits),
+                        time_table=_time_table(time_table), time_budget=time_budget, time_limit_s=time_limit,
+                        track=track)
     plan.save(output)
     if not quiet:
         typer.echo(plan.summary())
         typer.echo(f"\nwrote {output}" + (f" and {save_scores}" if save_scores else ""))
+
+
+@app.command("frontier")
+@_user_errors
+def frontier_cmd(
+    model: Path = typer.Argument(..., help="Local model directory."),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory for plan-<bpp>.json, frontier.csv, frontier.png."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text (one sensitivity pass for all budgets)."),
+    scores: Optional[Path] = typer.Option(None, "--scores", help="A saved error table instead of --calib."),
+    start: float = typer.Option(2.0, "--from", help="First budget (bpp)."),
+    stop: float = typer.Option(4.5, "--to", help="Last budget (bpp)."),
+    step: float = typer.Option(0.125, "--step", help="Budget step (bpp)."),
+    eval_text: Optional[Path] = typer.Option(None, "--eval", help="Also measure held-out perplexity of every plan."),
+    eval_tokens: int = typer.Option(32768, help="Tokens of --eval text (first N, windows of 512)."),
+    candidates: str = typer.Option("2,3,4,8", help="Bit widths (optionally with group)."),
+    solver: str = typer.Option("auto", help=_SOLVER_HELP),
+    pin: list[str] = typer.Option([], "--pin", help=_PIN_HELP),
+    min_bits: Optional[int] = typer.Option(None),
+    max_bits: Optional[int] = typer.Option(None),
+    role_bits: list[str] = typer.Option([], "--role-bits"),
+    calib_tokens: int = typer.Option(32768),
+    seqlen: int = typer.Option(512),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Solve every budget of a sweep from one sensitivity pass; write plans, a CSV and a plot."""
+    from .api import frontier
+    from .frontier import budgets, write_frontier
+    from .progress import tracker
+
+    if output.exists() and not output.is_dir():
+        raise BitallocError(f"cannot write {output}: it exists and is not a directory")
+    targets = budgets(start, stop, step)
+    with tracker(quiet) as track:
+        points = frontier(model, targets, calib=calib, scores=scores, candidates=_parse_candidates(candidates),
+                          calib_tokens=calib_tokens, seqlen=seqlen, seed=seed, device=device, solver=solver,
+                          constraints=_constraints(pin, min_bits, max_bits, role_bits), eval_text=eval_text,
+                          eval_tokens=eval_tokens, track=track)
+    written = write_frontier(output, points)
+    if not quiet:
+        for p in points:
+            ppl = "" if p.perplexity is None else f"  ppl {p.perplexity:.4f}"
+            typer.echo(f"{p.target_bpp:>6g} bpp -> {p.plan.budget.achieved_bpp:.4f}  predicted "
+                       f"{p.plan.solver.objective:.5f}  {p.plan.solver.status}{ppl}")
+        typer.echo(f"wrote {len(written)} files to {output}")
 
 
 @app.command("eval")

@@ -35,3 +35,7 @@ class ScoresError(BitallocError):
 
 class OutputError(BitallocError):
     """An output path cannot be written."""
+
+
+class ConstraintError(BitallocError):
+    """Pins or bit bounds that contradict each other, the candidates, or the tensors."""

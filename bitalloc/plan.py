@@ -151,6 +151,17 @@ class SolverInfo(_Strict):
     gap: Optional[float] = None  # relative optimality gap, 0 when proven optimal
     seconds: float
     objective_scale: Optional[float] = None  # integer scaling applied to errors for CP-SAT
+    note: Optional[str] = None  # solver-specific remark (e.g. the closed form's model gap)
+
+
+class ConstraintsInfo(_Strict):
+    """What the user constrained, as given (patterns resolved into entries' choices)."""
+
+    pins: list[str] = Field(default_factory=list)
+    min_bits: Optional[int] = None
+    max_bits: Optional[int] = None
+    role_bits: list[str] = Field(default_factory=list)
+    time_budget: Optional[float] = None  # seconds of the secondary (kernel-time) resource
 
 
 class CalibrationInfo(_Strict):
@@ -178,6 +189,7 @@ class Plan(_Strict):
     tie_groups: list[TieGroup] = Field(default_factory=list)
     entries: list[Entry]
     solver: SolverInfo
+    constraints: Optional[ConstraintsInfo] = None
     calibration: Optional[CalibrationInfo] = None
     scores: Optional[ScoresInfo] = None
     timings: dict[str, float] = Field(default_factory=dict)

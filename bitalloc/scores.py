@@ -43,6 +43,9 @@ class ErrorTable:
     def row(self, tensor: str) -> int:
         return self._row[tensor]
 
+    def has(self, tensor: str) -> bool:
+        return tensor in self._row
+
     def column(self, cand: Candidate) -> int:
         for j, c in enumerate(self.candidates):
             if c == cand:

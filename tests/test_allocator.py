@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from bitalloc.allocator import (build_problem, greedy_marginal, position_priority, promote_in_order,
-                                random_assignment, solve_ilp, uniform)
+                                random_assignment, relax, solve, solve_ilp, uniform)
 from bitalloc.budget import parse_budget
 from bitalloc.errors import BudgetError
 from bitalloc.plan import DEFAULT_CANDIDATES, Candidate
@@ -25,28 +25,53 @@ def brute_force(problem):
     best, best_c = np.inf, None
     for combo in itertools.product(range(len(problem.candidates)), repeat=problem.num_groups):
         c = np.array(combo)
-        if problem.total_bits(c) <= problem.budget_bits:
+        if problem.feasible(c):
             obj = problem.objective(c)
             if obj < best:
                 best, best_c = obj, c
     return best, best_c
 
 
-@pytest.mark.parametrize("seed", range(40))
-def test_ilp_matches_brute_force(seed):
-    names, shapes, errors, tie = random_instance(seed)
-    rng = np.random.default_rng(1000 + seed)
-    budget = parse_budget(f"{rng.uniform(2.3, 5.0):.3f}")
-    p = build_problem(names, shapes, errors, DEFAULT_CANDIDATES, tie, budget)
+def random_constrained(seed: int):
+    """<= 8 units x 4 candidates, random ties, random pins / bounds, sometimes a time budget."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 9))
+    names, shapes, errors, _ = random_instance(seed, n_units=n, ties=False)
+    ties = [names[:2]] if n > 3 and rng.random() < 0.5 else []
+    allowed = rng.random((n, 4)) < 0.8
+    allowed[np.arange(n), rng.integers(0, 4, n)] = True
+    if ties:
+        allowed[1] = allowed[0]
+    kwargs = {}
+    if rng.random() < 0.3:
+        kwargs = dict(time_per_param=[1.0, 1.1, 1.3, 2.0], time_budget=float(sum(r * c for r, c in shapes)) * 1.25)
+    for _ in range(50):  # draw budgets until one lies between the cheapest and richest allowed assignment
+        try:
+            return build_problem(names, shapes, errors, DEFAULT_CANDIDATES, ties,
+                                 parse_budget(f"{rng.uniform(2.3, 8.2):.3f}"), allowed, **kwargs)
+        except BudgetError:
+            continue
+    raise AssertionError("no feasible budget drawn")
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_exact_solvers_match_brute_force(seed):
+    p = random_constrained(seed)
     best, _ = brute_force(p)
-    a = solve_ilp(p)
-    assert a.status == "optimal"
-    assert p.total_bits(a.choice) <= p.budget_bits
-    assert a.objective == pytest.approx(best, rel=1e-9)
-    assert a.gap is not None and a.gap < 1e-6
-    # the greedy is feasible and never better than the optimum
-    g = greedy_marginal(p)
-    assert p.total_bits(g.choice) <= p.budget_bits and g.objective >= best * (1 - 1e-12)
+    if not np.isfinite(best):
+        with pytest.raises(BudgetError):
+            solve(p, "ilp")
+        return
+    for a in [solve(p, "ilp"), solve_ilp(p)]:
+        assert a.status == "optimal"
+        assert p.feasible(a.choice)
+        assert a.objective == pytest.approx(best, rel=1e-9, abs=1e-12)
+        assert a.gap is not None and a.gap < 1e-6
+    if p.time is None:  # the relaxations bound the optimum from below and repair stays feasible
+        rel = relax(p)
+        assert rel.bound <= best * (1 + 1e-9) + 1e-12
+        for a in [solve(p, "lagrangian"), solve(p, "greedy"), solve(p, "closed-form")]:
+            assert p.feasible(a.choice) and a.objective >= best * (1 - 1e-9)
 
 
 def test_tie_groups_share_one_choice():

@@ -215,3 +215,55 @@ def test_scores_from_other_calibration_text_are_refused(tiny_llama, scores, held
     out = tmp_path / "p.json"
     expect_user_error(run("allocate", tiny_llama, "--budget", "3", "--scores", scores, "--calib", heldout_file,
                           "-o", out), "other calibration text", written=out)
+
+
+def test_pins_solver_choice_and_recorded_constraints(tiny_llama, scores, tmp_path):
+    out = tmp_path / "p.json"
+    r = run("allocate", tiny_llama, "--budget", "3.5", "--scores", scores, "-o", out, "-q", "--solver", "closed-form",
+            "--pin", r"layers\.0\.=4", "--max-bits", "4")
+    assert r.exit_code == 0, r.output
+    plan = Plan.load(out)
+    assert plan.solver.name == "closed-form" and plan.constraints.pins == [r"layers\.0\.=4"]
+    layer0 = [e for e in plan.entries if e.layer == 0 and not e.locked]
+    assert layer0 and all(e.bits == 4 and e.reason == "pinned by 'layers\\.0\\.=4'" for e in layer0)
+    assert all(e.bits <= 4 for e in plan.entries if not e.locked)
+
+
+def test_pin_on_lm_head_unlocks_the_tied_embedding(tiny_llama, scores, tmp_path):
+    out = tmp_path / "p.json"
+    r = run("allocate", tiny_llama, "--budget", "4.5", "--scores", scores, "-o", out, "-q", "--pin", "lm_head=8")
+    assert r.exit_code == 0, r.output
+    emb = Plan.load(out).entry_map()["model.embed_tokens.weight"]
+    assert not emb.locked and emb.bits == 8 and emb.reason == "pinned by 'lm_head=8'"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--pin", "input_layernorm=4"), "matches no tensor that can be quantized"),
+    (("--pin", "no_such_tensor=4"), "matches no tensor"),
+    (("--pin", "q_proj=4", "--pin", "k_proj=2"), "tie group"),
+    (("--solver", "simplex"), "unknown solver"),
+    (("--time-budget", "1.0"), "time table"),
+])
+def test_bad_constraints(tiny_llama, scores, tmp_path, args, needle):
+    out = tmp_path / "p.json"
+    expect_user_error(run("allocate", tiny_llama, "--budget", "3", "--scores", scores, "-o", out, *args), needle,
+                      written=out)
+
+
+def test_frontier_writes_plans_csv_and_plot(tiny_llama, scores, heldout_file, tmp_path):
+    import csv
+
+    out = tmp_path / "fr"
+    r = run("frontier", tiny_llama, "--scores", scores, "--from", "2.0", "--to", "3.0", "--step", "0.25", "-o", out,
+            "--eval", heldout_file, "--eval-tokens", 1024, "-q")
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader((out / "frontier.csv").open()))
+    # tiny tensors (64 columns) pay a whole g128 scale+zero per row: 2-bit costs 2.5 bpp, so 2.0 and 2.25 are skipped
+    assert [r["target_bpp"] for r in rows] == ["2.5", "2.75", "3"]
+    assert set(rows[0]) >= {"target_bpp", "achieved_bpp", "predicted_error", "solver", "seconds", "plan"}
+    errs = [float(r["predicted_error"]) for r in rows]
+    assert errs == sorted(errs, reverse=True) and all(float(r["perplexity"]) > 1 for r in rows)
+    for r in rows:
+        assert float(r["achieved_bpp"]) <= float(r["target_bpp"])
+        assert Plan.load(out / r["plan"]).solver.status == "optimal"
+    assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

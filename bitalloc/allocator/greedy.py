@@ -1,9 +1,9 @@
-"""Budget-filling heuristics: the marginal-gain greedy (ILP warm start) and the baselines.
+"""Budget-filling heuristics: the marginal-gain greedy (warm start and repair) and the baselines.
 
-All start from a feasible assignment and promote groups one candidate step at a time
-(candidates are sorted cheapest first) while the budget allows. They differ only in the
-order of promotion: best error drop per extra bit (greedy), a fixed position priority
-(llama.cpp-style heuristic), or a random order (random baseline).
+All start from a feasible assignment and move groups to richer allowed candidates while the
+budget allows. They differ only in the order of promotion: best error drop per extra bit
+(greedy), a fixed position priority (llama.cpp-style heuristic), or a random order (random
+baseline).
 """
 
 from __future__ import annotations
@@ -18,34 +18,42 @@ from ..errors import BudgetError
 from .problem import Assignment, Problem
 
 
-def greedy_marginal(problem: Problem) -> Assignment:
-    """Repeatedly take the promotion with the largest error decrease per extra bit that still fits."""
-    t0 = time.perf_counter()
+def fill_greedily(problem: Problem, choice: np.ndarray) -> np.ndarray:
+    """From a feasible ``choice``, repeatedly take the move with the largest error decrease per
+    extra bit that still fits (any richer allowed candidate, so non-convex tables are handled)."""
     G, C = problem.cost.shape
-    choice = np.zeros(G, dtype=np.int64)
     used = problem.total_bits(choice)
-    heap: list[tuple[float, int, int]] = []
+    heap: list[tuple[float, int, int, int]] = []
 
     def push(g: int) -> None:
         c = choice[g]
         best = None
-        for n in range(c + 1, C):  # best ratio over any richer candidate (handles non-convex tables)
+        for n in range(C):
             db = problem.bits[g, n] - problem.bits[g, c]
             de = problem.cost[g, c] - problem.cost[g, n]
-            if db > 0 and (best is None or de / db > best[0]):
+            if problem.allowed[g, n] and db > 0 and de > 0 and (best is None or de / db > best[0]):
                 best = (de / db, n)
-        if best is not None and best[0] > 0:
-            heapq.heappush(heap, (-best[0], g, best[1]))
+        if best is not None:
+            heapq.heappush(heap, (-best[0], g, best[1], c))
 
     for g in range(G):
         push(g)
     while heap:
-        _, g, n = heapq.heappop(heap)
+        _, g, n, was = heapq.heappop(heap)
+        if choice[g] != was:
+            continue
         extra = problem.bits[g, n] - problem.bits[g, choice[g]]
         if used + extra <= problem.budget_bits:
             used += extra
             choice[g] = n
             push(g)
+    return choice
+
+
+def greedy_marginal(problem: Problem) -> Assignment:
+    """The marginal-gain greedy from the cheapest allowed assignment."""
+    t0 = time.perf_counter()
+    choice = fill_greedily(problem, problem.cheapest())
     return Assignment(choice, "greedy", "feasible", problem.objective(choice), seconds=time.perf_counter() - t0)
 
 
@@ -54,31 +62,38 @@ def uniform(problem: Problem, bits: int) -> Assignment:
     cols = [j for j, c in enumerate(problem.candidates) if c.bits == bits]
     for j in reversed(cols):
         choice = np.full(problem.num_groups, j, dtype=np.int64)
-        if problem.total_bits(choice) <= problem.budget_bits:
+        if problem.feasible(choice):
             return Assignment(choice, f"uniform-{bits}bit", "feasible", problem.objective(choice))
     raise BudgetError(f"uniform {bits}-bit does not fit the budget")
+
+
+def _next_allowed(problem: Problem, g: int, c: int) -> int | None:
+    for n in range(c + 1, len(problem.candidates)):
+        if problem.allowed[g, n]:
+            return n
+    return None
 
 
 def promote_in_order(problem: Problem, priority: Sequence[float], name: str) -> Assignment:
     """Start from the richest uniform assignment that fits, then promote groups one step at a
     time in ascending ``priority`` order, cycling over the groups until nothing fits."""
     G = problem.num_groups
-    start = 0
+    choice = problem.cheapest()
     for j in range(len(problem.candidates)):
-        if problem.total_bits(np.full(G, j)) <= problem.budget_bits:
-            start = j
-    choice = np.full(G, start, dtype=np.int64)
+        if problem.feasible(np.full(G, j)):
+            choice = np.full(G, j, dtype=np.int64)
     used = problem.total_bits(choice)
     order = np.argsort(np.asarray(priority), kind="stable")
     progress = True
     while progress:
         progress = False
         for g in order:
-            if choice[g] + 1 >= len(problem.candidates):
+            n = _next_allowed(problem, g, choice[g])
+            if n is None:
                 continue
-            extra = problem.bits[g, choice[g] + 1] - problem.bits[g, choice[g]]
+            extra = problem.bits[g, n] - problem.bits[g, choice[g]]
             if used + extra <= problem.budget_bits:
-                choice[g] += 1
+                choice[g] = n
                 used += extra
                 progress = True
     return Assignment(choice, name, "feasible", problem.objective(choice))
@@ -105,17 +120,17 @@ def position_priority(layers: Sequence[int | None], roles: Sequence[str], n_laye
 def random_assignment(problem: Problem, seed: int) -> Assignment:
     """A random assignment that fills the budget: random promotion order from the cheapest."""
     rng = np.random.default_rng(seed)
-    G, C = problem.cost.shape
-    choice = np.zeros(G, dtype=np.int64)
+    choice = problem.cheapest()
     used = problem.total_bits(choice)
-    open_groups = list(range(G))
+    open_groups = list(range(problem.num_groups))
     while open_groups:
         k = int(rng.integers(len(open_groups)))
         g = open_groups[k]
-        extra = problem.bits[g, choice[g] + 1] - problem.bits[g, choice[g]] if choice[g] + 1 < C else None
+        n = _next_allowed(problem, g, choice[g])
+        extra = None if n is None else problem.bits[g, n] - problem.bits[g, choice[g]]
         if extra is None or used + extra > problem.budget_bits:
             open_groups.pop(k)
             continue
-        choice[g] += 1
+        choice[g] = n
         used += extra
     return Assignment(choice, f"random-seed{seed}", "feasible", problem.objective(choice))

@@ -1,26 +1,33 @@
 """The allocation problem as plain arrays (no torch, no model objects).
 
 Units tied together (q/k/v, gate/up) are collapsed into one *group* that takes a single
-choice; a group's cost and storage are the sums over its members. Storage is exact integer
-bits (codes + fp16 scale + fp16 zero per group of columns), so the budget constraint is
-met to the bit.
+choice; a group's cost and storage are the sums over its members, and a candidate is allowed
+for the group only if every member allows it (pins, bit bounds). Storage is exact integer
+bits (codes + fp16 scale + fp16 zero per group of columns), so the budget constraint is met to
+the bit. An optional second resource (e.g. kernel time per candidate) adds one more knapsack
+constraint.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
 
 from ..budget import Budget, tensor_bits
-from ..errors import BudgetError
+from ..errors import BudgetError, ConstraintError
 from ..plan import Candidate
+
+
+# The secondary resource is an estimate (measured kernel time); it is met to this relative
+# tolerance, which absorbs the integer rounding CP-SAT needs.
+TIME_RTOL = 1e-6
 
 
 @dataclass
 class Problem:
-    """min sum_g cost[g, c_g]  s.t.  sum_g bits[g, c_g] <= budget_bits, one c_g per group."""
+    """min sum_g cost[g, c_g]  s.t.  sum_g bits[g, c_g] <= budget_bits, c_g allowed, one per group."""
 
     candidates: list[Candidate]  # sorted by storage cost (cheapest first)
     group_names: list[str]
@@ -29,7 +36,11 @@ class Problem:
     bits: np.ndarray  # [G, C] int64, exact storage
     budget_bits: int
     counted_params: int
-    unit_names: list[str] = field(default_factory=list)
+    unit_names: list[str]
+    numel: np.ndarray  # [G] parameters per group
+    allowed: np.ndarray  # [G, C] bool
+    time: Optional[np.ndarray] = None  # [G, C] float, secondary resource (e.g. kernel seconds)
+    time_budget: Optional[float] = None
 
     @property
     def num_groups(self) -> int:
@@ -38,8 +49,17 @@ class Problem:
     def total_bits(self, choice: np.ndarray) -> int:
         return int(self.bits[np.arange(self.num_groups), choice].sum())
 
+    def total_time(self, choice: np.ndarray) -> float:
+        return 0.0 if self.time is None else float(self.time[np.arange(self.num_groups), choice].sum())
+
     def objective(self, choice: np.ndarray) -> float:
         return float(self.cost[np.arange(self.num_groups), choice].sum())
+
+    def feasible(self, choice: np.ndarray) -> bool:
+        ok = self.total_bits(choice) <= self.budget_bits and bool(self.allowed[np.arange(self.num_groups), choice].all())
+        if self.time is not None and self.time_budget is not None:
+            ok = ok and self.total_time(choice) <= self.time_budget * (1 + TIME_RTOL)
+        return ok
 
     def unit_choices(self, choice: np.ndarray) -> np.ndarray:
         """Per-unit candidate index from a per-group choice."""
@@ -47,6 +67,10 @@ class Problem:
         for g, us in enumerate(self.members):
             out[us] = choice[g]
         return out
+
+    def cheapest(self) -> np.ndarray:
+        """Per group, the allowed candidate with the least storage."""
+        return np.where(self.allowed, self.bits, np.iinfo(np.int64).max).argmin(1)
 
 
 @dataclass
@@ -60,6 +84,7 @@ class Assignment:
     bound: Optional[float] = None
     seconds: float = 0.0
     objective_scale: Optional[float] = None
+    note: Optional[str] = None
 
     @property
     def gap(self) -> Optional[float]:
@@ -69,39 +94,60 @@ class Assignment:
 
 
 def build_problem(unit_names: Sequence[str], shapes: Sequence[Sequence[int]], errors: np.ndarray,
-                  candidates: Sequence[Candidate], tie_groups: Sequence[Sequence[str]], budget: Budget) -> Problem:
-    """Collapse ties, price every candidate exactly, and check that the budget is reachable."""
+                  candidates: Sequence[Candidate], tie_groups: Sequence[Sequence[str]], budget: Budget,
+                  allowed: Optional[np.ndarray] = None, time_per_param: Optional[Sequence[float]] = None,
+                  time_budget: Optional[float] = None) -> Problem:
+    """Collapse ties, price every candidate exactly, and check that the budget is reachable.
+
+    ``allowed`` is a per-unit [U, C] mask (pins, bounds); ``time_per_param`` a per-candidate cost
+    of the secondary resource, multiplied by each unit's parameter count.
+    """
     order = sorted(range(len(candidates)), key=lambda j: (candidates[j].bpp, candidates[j].bits))
     cands = [candidates[j] for j in order]
     errors = np.asarray(errors, dtype=np.float64)[:, order]
+    unit_allowed = np.ones((len(unit_names), len(cands)), bool) if allowed is None else np.asarray(allowed, bool)[:, order]
     index = {n: i for i, n in enumerate(unit_names)}
     grouped: set[int] = set()
     names, members = [], []
-    for k, tie in enumerate(tie_groups):
+    for tie in tie_groups:
         idx = [index[m] for m in tie if m in index]
         if len(idx) > 1:
-            names.append(f"tie{k}:" + "+".join(unit_names[i] for i in idx))
+            names.append("+".join(unit_names[i] for i in idx))
             members.append(idx)
             grouped.update(idx)
     for i, n in enumerate(unit_names):
         if i not in grouped:
             names.append(n)
             members.append([i])
+    numel = np.array([int(np.prod(s)) for s in shapes], dtype=np.int64)
     unit_bits = np.array([[_storage(shapes[i], c) for c in cands] for i in range(len(unit_names))], dtype=np.int64)
-    cost = np.stack([errors[m].sum(0) for m in members]) if members else np.zeros((0, len(cands)))
-    bits = np.stack([unit_bits[m].sum(0) for m in members]) if members else np.zeros((0, len(cands)), np.int64)
-    params = int(sum(int(np.prod(s)) for s in shapes))
+    C = len(cands)
+    cost = np.stack([errors[m].sum(0) for m in members]) if members else np.zeros((0, C))
+    bits = np.stack([unit_bits[m].sum(0) for m in members]) if members else np.zeros((0, C), np.int64)
+    ok = np.stack([unit_allowed[m].all(0) for m in members]) if members else np.zeros((0, C), bool)
+    for g, m in enumerate(members):
+        if not ok[g].any():
+            raise ConstraintError(f"the constraints leave no common candidate for {' and '.join(unit_names[i] for i in m)}"
+                                  + (" (a tie group: its members must share one choice)" if len(m) > 1 else ""))
+    params = int(numel.sum())
     if params == 0:
         raise BudgetError("no tensor is left to quantize (everything is locked)")
     budget_bits = budget.total_bits(params)
-    lo, hi = int(bits.min(1).sum()), int(bits.max(1).sum())
+    lo = int(np.where(ok, bits, np.iinfo(np.int64).max).min(1).sum())
+    hi = int(np.where(ok, bits, -1).max(1).sum())
     if budget_bits < lo:
         raise BudgetError(f"budget {budget.text} ({budget_bits / params:.4f} bpp) is below the cheapest assignment "
-                          f"({lo / params:.4f} bpp, every tensor at {cands[0].id}); raise the budget or add cheaper candidates")
+                          f"allowed ({lo / params:.4f} bpp); raise the budget, add cheaper candidates or relax pins")
     if budget_bits > hi + params * 1e-6:
         raise BudgetError(f"budget {budget.text} ({budget_bits / params:.4f} bpp) is above the richest assignment "
-                          f"({hi / params:.4f} bpp, every tensor at {cands[-1].id}); lower it or add richer candidates")
-    return Problem(cands, names, members, cost, bits, min(budget_bits, hi), params, list(unit_names))
+                          f"allowed ({hi / params:.4f} bpp); lower it or add richer candidates")
+    time = None
+    if time_per_param is not None:
+        per = np.asarray(time_per_param, dtype=np.float64)[order]
+        time = np.stack([per * numel[m].sum() for m in members])
+    group_numel = np.array([numel[m].sum() for m in members], dtype=np.int64)
+    return Problem(cands, names, members, cost, bits, min(budget_bits, hi), params, list(unit_names), group_numel, ok,
+                   time, time_budget)
 
 
 def _storage(shape: Sequence[int], c: Candidate) -> int:
