@@ -29,6 +29,7 @@ from .plan import (DEFAULT_CANDIDATES, LOCKED_BITS, BudgetInfo, CalibrationInfo,
                    ModelInfo, Plan, Role, ScoresInfo, SolverInfo)
 from .progress import SILENT, Tracker
 from .scores import ErrorTable
+from .units import decision_errors, decision_units, segments_of
 
 if TYPE_CHECKING:
     from .eval import EvalResult
@@ -66,8 +67,9 @@ def allocate(model: str | Path, budget: str | float, calib: Optional[str | Path]
              calib_tokens: int = CALIB_TOKENS, seqlen: int = CALIB_SEQLEN, seed: int = 0,
              include_lm_head: bool = False, include_embeddings: bool = False, device: str = "auto",
              save_scores: Optional[str | Path] = None, solver: str = "auto",
-             constraints: Optional[Constraints] = None, time_table: Optional[dict[str, float]] = None,
-             time_budget: Optional[float] = None, time_limit_s: float = 60.0, track: Tracker = SILENT) -> Plan:
+             constraints: Optional[Constraints] = None, granularity: str = "tensor",
+             time_table: Optional[dict[str, float]] = None, time_budget: Optional[float] = None,
+             time_limit_s: float = 60.0, track: Tracker = SILENT) -> Plan:
     """Choose bits for every tensor of ``model`` so that the total meets ``budget`` exactly.
 
     Args:
@@ -79,6 +81,8 @@ def allocate(model: str | Path, budget: str | float, calib: Optional[str | Path]
         solver: ``auto`` (exact up to 2e5 groups, Lagrangian beyond), ``ilp``, ``lagrangian``,
             ``closed-form`` (BAQ water-filling) or ``greedy``.
         constraints: pins (``"lm_head=8"``; a pin on lm_head or the embedding unlocks it), bit bounds.
+        granularity: ``tensor`` (default), ``expert`` (one width per MoE expert) or ``slab`` (per
+            128-column slab; the plan then carries ``segments``).
         time_table, time_budget: seconds per parameter of each candidate id, and the total allowed.
     Returns:
         The validated :class:`Plan`; nothing is written unless ``save_scores`` is set.
@@ -97,8 +101,9 @@ def allocate(model: str | Path, budget: str | float, calib: Optional[str | Path]
     time_per_param = _time_per_param(time_table, candidates) if time_budget is not None else None
     needs_errors = [u.tensor for u, row in zip(units, allowed) if row.sum() > 1]
     # Fail on an infeasible budget or contradictory constraints before the (long) calibration pass.
-    build_problem([u.tensor for u in units], [u.shape for u in units], np.zeros((len(units), len(candidates))),
-                  candidates, [g.members for g in inv.tie_groups], parsed, allowed, time_per_param, time_budget)
+    du = decision_units(inv, granularity, candidates)
+    build_problem(du.names, du.shapes, np.zeros((len(du.names), len(candidates))), candidates, du.ties, parsed,
+                  allowed[du.owner], time_per_param, time_budget)
     timings: dict[str, float] = {}
     if scores is not None:
         table = scores if isinstance(scores, ErrorTable) else ErrorTable.load(scores)
@@ -113,7 +118,7 @@ def allocate(model: str | Path, budget: str | float, calib: Optional[str | Path]
             table.save(save_scores)
     else:
         raise BitallocError("give calibration text (--calib) or a saved score file (--scores)")
-    problem = problem_from_table(inv, table, candidates, parsed, allowed, time_per_param, time_budget)
+    problem = problem_from_table(inv, table, candidates, parsed, allowed, time_per_param, time_budget, granularity)
     task = track.task(f"solve ({solver})", 1)
     assignment = solve(problem, solver, time_limit_s=time_limit_s, seed=seed)
     task.advance()
@@ -122,7 +127,7 @@ def allocate(model: str | Path, budget: str | float, calib: Optional[str | Path]
     info = None if constraints.empty and time_budget is None else ConstraintsInfo(
         pins=list(constraints.pins), min_bits=constraints.min_bits, max_bits=constraints.max_bits,
         role_bits=list(constraints.role_bits), time_budget=time_budget)
-    return build_plan(ckpt, inv, problem, assignment, table, parsed, timings, constraints, info)
+    return build_plan(ckpt, inv, problem, assignment, table, parsed, timings, constraints, info, granularity)
 
 
 def _aliases(inv: Inventory) -> dict[str, list[str]]:
@@ -162,25 +167,25 @@ def _time_per_param(table: Optional[dict[str, float]], candidates: Sequence[Cand
 
 def problem_from_table(inv: Inventory, table: ErrorTable, candidates: Sequence[Candidate], budget: Budget,
                        allowed: Optional[np.ndarray] = None, time_per_param: Optional[Sequence[float]] = None,
-                       time_budget: Optional[float] = None) -> Problem:
-    """The solver's problem for ``inv``'s unlocked units; units fixed by a pin need no table row."""
-    units = inv.quantized
-    cols = [table.column(c) for c in candidates]
-    errors = np.zeros((len(units), len(candidates)))
-    for i, u in enumerate(units):
-        if table.has(u.tensor):
-            errors[i] = table.errors[table.row(u.tensor), cols]
-        elif allowed is None or allowed[i].sum() > 1:
-            raise ScoresError(f"score file has no errors for {u.tensor}")
-    return build_problem([u.tensor for u in units], [u.shape for u in units], errors, candidates,
-                         [g.members for g in inv.tie_groups], budget, allowed, time_per_param, time_budget)
+                       time_budget: Optional[float] = None, granularity: str = "tensor") -> Problem:
+    """The solver's problem for ``inv``'s unlocked tensors at ``granularity``; ``allowed`` is per tensor."""
+    candidates = list(candidates)
+    du = decision_units(inv, granularity, candidates)
+    if allowed is None:
+        allowed = np.ones((len(inv.quantized), len(candidates)), dtype=bool)
+    errors = decision_errors(du, inv, table, candidates, allowed[du.owner])
+    return build_problem(du.names, du.shapes, errors, candidates, du.ties, budget, allowed[du.owner], time_per_param,
+                         time_budget)
 
 
 def build_plan(ckpt: Checkpoint, inv: Inventory, problem: Problem, assignment: Assignment, table: ErrorTable,
                budget: Budget, timings: Optional[dict[str, float]] = None,
-               constraints: Optional[Constraints] = None, constraints_info: Optional[ConstraintsInfo] = None) -> Plan:
+               constraints: Optional[Constraints] = None, constraints_info: Optional[ConstraintsInfo] = None,
+               granularity: str = "tensor") -> Plan:
     """Assemble the validated plan for ``assignment`` (any solver or baseline)."""
-    unit_choice = dict(zip(problem.unit_names, problem.unit_choices(assignment.choice)))
+    du = decision_units(inv, granularity, problem.candidates)
+    choices = problem.unit_choices(assignment.choice)
+    owner_of = {u.tensor: i for i, u in enumerate(inv.quantized)}
     entries = []
     for u in inv.units:
         common = dict(tensor=u.tensor, module=u.module, shape=list(u.shape), numel=u.numel, layer=u.layer,
@@ -188,14 +193,16 @@ def build_plan(ckpt: Checkpoint, inv: Inventory, problem: Problem, assignment: A
         if u.locked:
             entries.append(Entry(**common, bits=LOCKED_BITS, bpp=float(LOCKED_BITS), locked=True, reason=u.reason))
             continue
-        c = problem.candidates[unit_choice[u.tensor]]
+        segments = segments_of(du, owner_of[u.tensor], choices, problem.candidates)
+        widest = max(segments, key=lambda g: (g.bits, g.group_size))
+        c = Candidate(bits=widest.bits, group_size=widest.group_size, symmetric=widest.symmetric)
         pred = {}
         if table.has(u.tensor):
             r = table.row(u.tensor)
             pred = {cand.id: float(table.errors[r, table.column(cand)]) for cand in problem.candidates}
         pin = constraints.pin_for(u.tensor, _aliases(inv).get(u.tensor, ())) if constraints is not None else None
         e = Entry(**common, bits=c.bits, group_size=c.group_size, symmetric=c.symmetric, bpp=0.0, predicted_error=pred,
-                  reason=f"pinned by '{pin.text}'" if pin else None)
+                  reason=f"pinned by '{pin.text}'" if pin else None, segments=segments if len(segments) > 1 else None)
         entries.append(e.model_copy(update={"bpp": e.storage_bits / e.numel}))
     counted_bits = problem.total_bits(assignment.choice)
     locked_bits = sum(e.storage_bits for e in entries if e.locked)
@@ -213,7 +220,7 @@ def build_plan(ckpt: Checkpoint, inv: Inventory, problem: Problem, assignment: A
         entries=entries,
         solver=SolverInfo(name=assignment.solver, status=assignment.status, objective=assignment.objective,
                           bound=assignment.bound, gap=assignment.gap, seconds=assignment.seconds,
-                          objective_scale=assignment.objective_scale, note=assignment.note),
+                          objective_scale=assignment.objective_scale, note=assignment.note, granularity=granularity),
         constraints=constraints_info,
         calibration=CalibrationInfo(**cal) if cal else None,
         scores=ScoresInfo(predictor=table.meta.get("predictor", "unknown"), formula=table.meta.get("formula", ""),

@@ -50,6 +50,7 @@ def _parse_candidates(text: str):
 
 
 _SOLVER_HELP = "auto (exact; Lagrangian beyond 2e5 groups) | ilp | lagrangian | closed-form | greedy."
+_GRANULARITY_HELP = "tensor (default) | expert (one width per MoE expert) | slab (per 128 input columns)."
 _PIN_HELP = "Fix tensors matching REGEX (re.search on the tensor name): 'REGEX=BITS' or 'REGEX=BITSgGROUP'. Repeatable."
 
 
@@ -80,6 +81,7 @@ def allocate_cmd(
     save_scores: Optional[Path] = typer.Option(None, "--save-scores", help="Save the computed error table here."),
     candidates: str = typer.Option("2,3,4,8", help="Bit widths (optionally with group: '2g64,4g128'); default group 128."),
     solver: str = typer.Option("auto", help=_SOLVER_HELP),
+    granularity: str = typer.Option("tensor", help=_GRANULARITY_HELP),
     pin: list[str] = typer.Option([], "--pin", help=_PIN_HELP),
     min_bits: Optional[int] = typer.Option(None, help="Lowest bit width any unpinned tensor may get."),
     max_bits: Optional[int] = typer.Option(None, help="Highest bit width any unpinned tensor may get."),
@@ -108,7 +110,7 @@ def allocate_cmd(
                         calib_tokens=calib_tokens, seqlen=seqlen, seed=seed, include_lm_head=include_lm_head,
                         include_embeddings=include_embeddings, device=device, save_scores=save_scores,
                         solver=solver, constraints=_constraints(pin, min_bits, max_bits, role_bits),
-                        time_table=_time_table(time_table), time_budget=time_budget, time_limit_s=time_limit,
+                        granularity=granularity, time_table=_time_table(time_table), time_budget=time_budget, time_limit_s=time_limit,
                         track=track)
     plan.save(output)
     if not quiet:
@@ -130,6 +132,7 @@ def frontier_cmd(
     eval_tokens: int = typer.Option(32768, help="Tokens of --eval text (first N, windows of 512)."),
     candidates: str = typer.Option("2,3,4,8", help="Bit widths (optionally with group)."),
     solver: str = typer.Option("auto", help=_SOLVER_HELP),
+    granularity: str = typer.Option("tensor", help=_GRANULARITY_HELP),
     pin: list[str] = typer.Option([], "--pin", help=_PIN_HELP),
     min_bits: Optional[int] = typer.Option(None),
     max_bits: Optional[int] = typer.Option(None),
@@ -151,6 +154,7 @@ def frontier_cmd(
     with tracker(quiet) as track:
         points = frontier(model, targets, calib=calib, scores=scores, candidates=_parse_candidates(candidates),
                           calib_tokens=calib_tokens, seqlen=seqlen, seed=seed, device=device, solver=solver,
+                          granularity=granularity,
                           constraints=_constraints(pin, min_bits, max_bits, role_bits), eval_text=eval_text,
                           eval_tokens=eval_tokens, track=track)
     written = write_frontier(output, points)

@@ -39,17 +39,20 @@ class EvalResult:
     label: str
 
 
-def quantization_map(ckpt: Checkpoint, plan: Optional[Plan], bits: Optional[int], group_size: int) -> dict[str, tuple[Unit, Candidate]]:
-    """Which units to fake-quantize with which candidate: from a plan, uniformly, or none (fp)."""
+Runs = list[tuple[int, int, Candidate]]  # (first column, end column, candidate) over a tensor's inputs
+
+
+def quantization_map(ckpt: Checkpoint, plan: Optional[Plan], bits: Optional[int], group_size: int) -> dict[str, tuple[Unit, Runs]]:
+    """Which units to fake-quantize with which candidate(s): from a plan, uniformly, or none (fp)."""
     if plan is not None:
         check_plan_matches(plan, ckpt)
         inv = build_inventory(ckpt, include_lm_head=True, include_embeddings=True)
         units = {u.tensor: u for u in inv.units}
-        return {e.tensor: (units[e.tensor], e.candidate) for e in plan.entries if not e.locked}
+        return {e.tensor: (units[e.tensor], e.column_choices()) for e in plan.entries if not e.locked}
     if bits is None:
         return {}
     cand = Candidate(bits=bits, group_size=group_size)
-    return {u.tensor: (u, cand) for u in build_inventory(ckpt).quantized}
+    return {u.tensor: (u, [(0, u.shape[-1], cand)]) for u in build_inventory(ckpt).quantized}
 
 
 def check_plan_matches(plan: Plan, ckpt: Checkpoint) -> None:
@@ -72,7 +75,7 @@ def perplexity(ckpt: Checkpoint, text: str, plan: Optional[Plan] = None, bits: O
     ids = eval_windows(tokenize(ckpt.path, text), tokens, seqlen)
     lm = LayerwiseModel(ckpt, device)
     ids = ids.to(lm.device)
-    by_layer: dict[Optional[int], list[tuple[Unit, Candidate]]] = {}
+    by_layer: dict[Optional[int], list[tuple[Unit, Runs]]] = {}
     for u, c in qmap.values():
         by_layer.setdefault(u.layer, []).append((u, c))
     outer = {u.role: c for u, c in by_layer.get(None, [])}
@@ -92,9 +95,9 @@ def perplexity(ckpt: Checkpoint, text: str, plan: Optional[Plan] = None, bits: O
         pos = lm.position_embeddings(seqlen, EVAL_BATCH)
         for i in range(lm.num_layers):
             layer = lm.load_layer(i)
-            for u, c in by_layer.get(i, []):
+            for u, runs in by_layer.get(i, []):
                 view = unit_view(layer, u)
-                view.copy_(rtn_dequantize(view, c.bits, c.group_size, c.symmetric))
+                view.copy_(_fake(view, runs))
             for b in iter_batches(len(ids), EVAL_BATCH):
                 n = b.stop - b.start
                 h[b] = lm.run_layer(layer, h[b], (pos[0][:n], pos[1][:n]))
@@ -111,5 +114,6 @@ def perplexity(ckpt: Checkpoint, text: str, plan: Optional[Plan] = None, bits: O
     return EvalResult(math.exp(loss), loss, int(ids.numel()), time.perf_counter() - t0, label)
 
 
-def _fake(w: torch.Tensor, c: Candidate) -> torch.Tensor:
-    return rtn_dequantize(w, c.bits, c.group_size, c.symmetric)
+def _fake(w: torch.Tensor, runs: Runs) -> torch.Tensor:
+    """RTN over each run of input columns; runs start on group boundaries, so groups never straddle."""
+    return torch.cat([rtn_dequantize(w[:, a:b], c.bits, c.group_size, c.symmetric) for a, b, c in runs], dim=1)

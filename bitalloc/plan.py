@@ -87,6 +87,20 @@ class FusedSource(_Strict):
     transposed: bool = False
 
 
+class Segment(_Strict):
+    """A run of input columns [start, stop) of one tensor quantized with one candidate (--granularity slab)."""
+
+    start: int = Field(ge=0)
+    stop: int = Field(gt=0)
+    bits: int
+    group_size: int
+    symmetric: bool = False
+
+    @property
+    def candidate(self) -> Candidate:
+        return Candidate(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
+
+
 class Entry(_Strict):
     tensor: str  # exact checkpoint key (per-expert name for MoE, also for fused checkpoints)
     module: str
@@ -103,6 +117,9 @@ class Entry(_Strict):
     locked: bool = False
     reason: Optional[str] = None
     source: Optional[FusedSource] = None
+    # With --granularity slab: per-column-run choices covering [0, in_features); bits/group_size
+    # then give the widest segment (for tools that read one width per tensor).
+    segments: Optional[list[Segment]] = None
 
     @property
     def candidate(self) -> Optional[Candidate]:
@@ -115,7 +132,15 @@ class Entry(_Strict):
         if self.locked:
             return self.numel * LOCKED_BITS
         rows, cols = _as_matrix(self.shape)
+        if self.segments:
+            return sum(tensor_bits(rows, g.stop - g.start, g.bits, g.group_size) for g in self.segments)
         return tensor_bits(rows, cols, self.bits, self.group_size)
+
+    def column_choices(self) -> list[tuple[int, int, Candidate]]:
+        """(start, stop, candidate) runs over the input columns: one run unless segmented."""
+        if self.segments:
+            return [(g.start, g.stop, g.candidate) for g in self.segments]
+        return [(0, self.shape[-1], self.candidate)]
 
 
 class TieGroup(_Strict):
@@ -152,6 +177,7 @@ class SolverInfo(_Strict):
     seconds: float
     objective_scale: Optional[float] = None  # integer scaling applied to errors for CP-SAT
     note: Optional[str] = None  # solver-specific remark (e.g. the closed form's model gap)
+    granularity: Literal["tensor", "expert", "slab"] = "tensor"  # what one decision covered
 
 
 class ConstraintsInfo(_Strict):
@@ -210,11 +236,14 @@ class Plan(_Strict):
                     raise ValueError(f"{e.tensor}: locked entries keep {LOCKED_BITS} bits and no group size")
             elif e.group_size is None or e.candidate.id not in cands:
                 raise ValueError(f"{e.tensor}: bits={e.bits} group_size={e.group_size} is not one of the candidates {sorted(cands)}")
+            elif e.segments:
+                _check_segments(e, cands)
         for g in self.tie_groups:
             missing = [m for m in g.members if m not in by_name]
             if missing:
                 raise ValueError(f"tie group {g.id} names unknown tensor {missing[0]!r}")
-            choices = {(by_name[m].bits, by_name[m].group_size) for m in g.members}
+            choices = {str(by_name[m].column_choices()) if by_name[m].segments else (by_name[m].bits, by_name[m].group_size)
+                       for m in g.members}
             if len(choices) > 1:
                 raise ValueError(f"tie group {g.id} members disagree: {sorted(choices, key=str)}")
         counted = [e for e in self.entries if not e.locked]
@@ -285,6 +314,20 @@ class Plan(_Strict):
         if locked:
             lines += ["", "locked     " + ", ".join(f"{n} {r}" for r, n in sorted(locked.items()))]
         return "\n".join(lines)
+
+
+def _check_segments(e: Entry, cands: set[str]) -> None:
+    pos = 0
+    for g in e.segments:
+        if g.start != pos or g.stop <= g.start:
+            raise ValueError(f"{e.tensor}: segments must tile the input columns in order (gap or overlap at {pos})")
+        if g.candidate.id not in cands:
+            raise ValueError(f"{e.tensor}: segment bits={g.bits} group_size={g.group_size} is not one of the candidates")
+        pos = g.stop
+    if pos != e.shape[-1]:
+        raise ValueError(f"{e.tensor}: segments cover {pos} of {e.shape[-1]} input columns")
+    if e.bits != max(g.bits for g in e.segments):
+        raise ValueError(f"{e.tensor}: bits must be the widest segment's when segments are given")
 
 
 def _histogram_rows(entries: list[Entry], key, widths: list[int]) -> list[str]:

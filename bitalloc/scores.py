@@ -22,23 +22,33 @@ SCORES_FORMAT = "bitalloc.scores"
 SCORES_VERSION = 1
 
 
+SLAB_WIDTH = 128  # input columns per slab: the unit of --granularity slab, and the default group size
+
+
 @dataclass
 class ErrorTable:
-    """Per unit (row) and candidate (column): predicted loss increase in nats."""
+    """Per unit (row) and candidate (column): predicted loss increase in nats, also per column slab."""
 
     tensors: list[str]
     candidates: list[Candidate]
-    errors: np.ndarray  # [U, C] predicted increase of the calibration loss (nats)
     local: np.ndarray  # [U, C] layer-local output error tr(dW H dW^T) / tokens (diagnostic)
     tokens: np.ndarray  # [U] calibration tokens that reached the unit (experts: routed tokens)
+    slab_errors: np.ndarray  # [S, C] predicted error of each SLAB_WIDTH-column slab of every unit
+    slab_offsets: np.ndarray  # [U + 1] unit u owns slab rows slab_offsets[u]:slab_offsets[u + 1]
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         u, c = len(self.tensors), len(self.candidates)
-        for name in ("errors", "local"):
-            if getattr(self, name).shape != (u, c):
-                raise ScoresError(f"error table {name} has shape {getattr(self, name).shape}, expected {(u, c)}")
+        if self.local.shape != (u, c) or self.slab_offsets.shape != (u + 1,) or \
+                self.slab_errors.shape != (int(self.slab_offsets[-1]) if u else 0, c):
+            raise ScoresError("error table arrays have inconsistent shapes")
         self._row = {t: i for i, t in enumerate(self.tensors)}
+        # per-unit errors: the sum of the unit's slabs
+        self.errors = np.add.reduceat(self.slab_errors, self.slab_offsets[:-1], axis=0) if u else np.zeros((0, c))
+
+    def slabs(self, tensor: str) -> np.ndarray:
+        r = self._row[tensor]
+        return self.slab_errors[self.slab_offsets[r]:self.slab_offsets[r + 1]]
 
     def row(self, tensor: str) -> int:
         return self._row[tensor]
@@ -57,8 +67,10 @@ class ErrorTable:
 
         header = {"format": SCORES_FORMAT, "version": SCORES_VERSION, "tensors": self.tensors,
                   "candidates": [c.model_dump() for c in self.candidates], "meta": self.meta}
-        blob = save({"errors": self.errors.astype(np.float64), "local": self.local.astype(np.float64),
-                     "tokens": self.tokens.astype(np.int64)}, metadata={"bitalloc": json.dumps(header)})
+        header["slab_width"] = SLAB_WIDTH
+        blob = save({"slab_errors": self.slab_errors.astype(np.float64), "slab_offsets": self.slab_offsets.astype(np.int64),
+                     "local": self.local.astype(np.float64), "tokens": self.tokens.astype(np.int64)},
+                    metadata={"bitalloc": json.dumps(header)})
         return atomic_write_bytes(Path(path), blob)
 
     @classmethod
@@ -76,10 +88,14 @@ class ErrorTable:
             header = json.loads(json.loads(raw[8:8 + n])["__metadata__"]["bitalloc"])
         except (SafetensorError, KeyError, ValueError, TypeError):
             raise ScoresError(f"{p} is not a bitalloc score file (corrupt or wrong format)") from None
-        if header.get("format") != SCORES_FORMAT or header.get("version") != SCORES_VERSION:
-            raise ScoresError(f"{p} is not a bitalloc score file of version {SCORES_VERSION}")
-        return cls(header["tensors"], [Candidate(**c) for c in header["candidates"]], arrays["errors"],
-                   arrays["local"], arrays["tokens"], header["meta"])
+        if header.get("format") != SCORES_FORMAT or header.get("version") != SCORES_VERSION \
+                or header.get("slab_width") != SLAB_WIDTH:
+            raise ScoresError(f"{p} is not a bitalloc score file of version {SCORES_VERSION}; recompute it")
+        try:
+            return cls(header["tensors"], [Candidate(**c) for c in header["candidates"]], arrays["local"],
+                       arrays["tokens"], arrays["slab_errors"], arrays["slab_offsets"], header["meta"])
+        except KeyError:
+            raise ScoresError(f"{p} is not a complete bitalloc score file; recompute it") from None
 
     def check_matches(self, config_sha256: str, index_sha256: str, candidates: list[Candidate],
                       tensors: list[str]) -> None:

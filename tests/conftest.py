@@ -69,12 +69,12 @@ def tiny_config(arch: str) -> dict:
 
 
 def build_tiny_model(directory: Path, arch: str = "llama", layout: str = "per_expert", shards: int = 1,
-                     seed: int = 0) -> Path:
+                     seed: int = 0, **overrides) -> Path:
     """A random-weight checkpoint of ``arch``; MoE experts saved per expert or fused in 3-D."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     directory.mkdir(parents=True, exist_ok=True)
-    cfg = tiny_config(arch)
+    cfg = {**tiny_config(arch), **overrides}
     (directory / "config.json").write_text(json.dumps(cfg))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory))

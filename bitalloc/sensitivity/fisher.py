@@ -41,7 +41,7 @@ from ..model.layerwise import (ActivationStore, LayerwiseModel, expert_slice, it
 from ..plan import Candidate, Role
 from ..progress import SILENT, Tracker
 from ..rounding.rtn import rtn_error
-from ..scores import ErrorTable
+from ..scores import SLAB_WIDTH, ErrorTable
 
 PREDICTOR = "fisher_diag"
 FORMULA = "e_i(c) = (seqlen-1)/2 * sum F * dW_c^2, F = mean over sequences of squared per-sequence loss gradient"
@@ -128,13 +128,23 @@ class _UnitStats:
 
 def _unit_errors(w: torch.Tensor, fisher: torch.Tensor, hessian: Optional[torch.Tensor], tokens: int,
                  candidates: list[Candidate], n_pred: int) -> tuple[np.ndarray, np.ndarray]:
-    errs, local = np.zeros(len(candidates)), np.zeros(len(candidates))
+    """Predicted error per column slab of ``SLAB_WIDTH`` inputs [S, C], and the local error per candidate [C].
+
+    The Fisher-diagonal error is a sum over weights, so a slab's share is exact; a tensor's error
+    is the sum of its slabs'.
+    """
+    cols = w.shape[1]
+    n_slabs = -(-cols // SLAB_WIDTH)
+    slabs, local = np.zeros((n_slabs, len(candidates))), np.zeros(len(candidates))
+    pad = n_slabs * SLAB_WIDTH - cols
     for j, c in enumerate(candidates):
         dw = rtn_error(w, c.bits, c.group_size, c.symmetric)
-        errs[j] = 0.5 * n_pred * float((fisher * dw.pow(2)).sum())
+        per_col = (fisher * dw.pow(2)).sum(0)
+        per_col = torch.nn.functional.pad(per_col, (0, pad))
+        slabs[:, j] = (0.5 * n_pred * per_col.view(n_slabs, SLAB_WIDTH).sum(1)).double().cpu().numpy()
         if hessian is not None and tokens:
             local[j] = float(((dw @ hessian) * dw).sum()) / tokens
-    return errs, local
+    return slabs, local
 
 
 def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidates: list[Candidate],
@@ -150,8 +160,8 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
         by_layer[u.layer].append(u)
     outer = {u.role: u for u in by_layer.pop(None, [])}  # embedding / lm_head when included
     rows = {u.tensor: i for i, u in enumerate(units)}
-    errors = np.zeros((len(units), len(candidates)))
-    local = np.zeros_like(errors)
+    slab_errors: list[np.ndarray] = [np.zeros((0, len(candidates)))] * len(units)
+    local = np.zeros((len(units), len(candidates)))
     tokens = np.zeros(len(units), dtype=np.int64)
     timings: dict[str, float] = {}
 
@@ -211,8 +221,8 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
                 f = unit_slice(stats.fisher[unit_param(layer, u)[1]], layer, u) / n_seq
                 r = rows[u.tensor]
                 tokens[r] = stats.tokens[u.tensor]
-                errors[r], local[r] = _unit_errors(unit_view(layer, u), f, stats.hessian.get(u.tensor), tokens[r],
-                                                   candidates, n_pred)
+                slab_errors[r], local[r] = _unit_errors(unit_view(layer, u), f, stats.hessian.get(u.tensor),
+                                                        tokens[r], candidates, n_pred)
             del stats
             lm.release_layer(i)
             bwd.advance()
@@ -228,17 +238,19 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
             for u, w, fisher in _outer_terms(inv, emb_unit, head_unit, emb, head_w.detach(), emb_fisher, head_fisher):
                 r = rows[u.tensor]
                 tokens[r] = n_seq * seqlen
-                errors[r], local[r] = _unit_errors(w, fisher / n_seq, None, 0, candidates, n_pred)
+                slab_errors[r], local[r] = _unit_errors(w, fisher / n_seq, None, 0, candidates, n_pred)
         timings["sensitivity_s"] = time.perf_counter() - t0
     finally:
         for st in stores + [grad]:
             st.close()
 
-    _fill_unrouted_experts(units, errors, local, tokens)
+    _fill_unrouted_experts(units, slab_errors, local, tokens)
     meta = {"config_sha256": ckpt.config_sha256, "index_sha256": ckpt.index_sha256, "predictor": PREDICTOR,
             "formula": FORMULA, "calibration_loss": calib_loss, "calib_sequences": n_seq, "seqlen": seqlen,
             "timings": timings}
-    return ErrorTable([u.tensor for u in units], list(candidates), errors, local, tokens, meta)
+    offsets = np.cumsum([0] + [len(x) for x in slab_errors]).astype(np.int64)
+    slabs = np.concatenate(slab_errors) if units else np.zeros((0, len(candidates)))
+    return ErrorTable([u.tensor for u in units], list(candidates), local, tokens, slabs, offsets, meta)
 
 
 def _outer_terms(inv: Inventory, emb_unit, head_unit, emb, head_w, emb_fisher, head_fisher):
@@ -259,7 +271,8 @@ def _outer_terms(inv: Inventory, emb_unit, head_unit, emb, head_w, emb_fisher, h
     return out
 
 
-def _fill_unrouted_experts(units: list[Unit], errors: np.ndarray, local: np.ndarray, tokens: np.ndarray) -> None:
+def _fill_unrouted_experts(units: list[Unit], slab_errors: list[np.ndarray], local: np.ndarray,
+                           tokens: np.ndarray) -> None:
     """Experts that received no calibration token get their layer-and-role mean error per parameter."""
     peers: dict[tuple, list[int]] = defaultdict(list)
     for r, u in enumerate(units):
@@ -273,6 +286,5 @@ def _fill_unrouted_experts(units: list[Unit], errors: np.ndarray, local: np.ndar
             continue
         warnings.warn(f"{u.tensor}: no calibration token was routed to this expert; using the mean error of "
                       f"the {len(ref)} routed experts of layer {u.layer}", stacklevel=2)
-        per_param = np.mean([errors[k] / units[k].numel for k in ref], axis=0)
-        errors[r] = per_param * u.numel
+        slab_errors[r] = np.mean([slab_errors[k] / units[k].numel for k in ref], axis=0) * u.numel
         local[r] = np.mean([local[k] / units[k].numel for k in ref], axis=0) * u.numel
