@@ -126,7 +126,7 @@ def allocate(model: str | Path, budget: str | float, calib: Optional[str | Path]
     timings["total_s"] = time.perf_counter() - t_start
     info = None if constraints.empty and time_budget is None else ConstraintsInfo(
         pins=list(constraints.pins), min_bits=constraints.min_bits, max_bits=constraints.max_bits,
-        role_bits=list(constraints.role_bits), time_budget=time_budget)
+        role_bits=list(constraints.role_bits), bits_ranges=list(constraints.bits_ranges), time_budget=time_budget)
     return build_plan(ckpt, inv, problem, assignment, table, parsed, timings, constraints, info, granularity)
 
 

@@ -54,10 +54,11 @@ _GRANULARITY_HELP = "tensor (default) | expert (one width per MoE expert) | slab
 _PIN_HELP = "Fix tensors matching REGEX (re.search on the tensor name): 'REGEX=BITS' or 'REGEX=BITSgGROUP'. Repeatable."
 
 
-def _constraints(pin: list[str], min_bits: Optional[int], max_bits: Optional[int], role_bits: list[str]):
+def _constraints(pin: list[str], min_bits: Optional[int], max_bits: Optional[int], role_bits: list[str],
+                 bits_range: list[str]):
     from .allocator import Constraints
 
-    return Constraints(tuple(pin), min_bits, max_bits, tuple(role_bits))
+    return Constraints(tuple(pin), min_bits, max_bits, tuple(role_bits), tuple(bits_range))
 
 
 def _time_table(path: Optional[Path]) -> Optional[dict[str, float]]:
@@ -86,6 +87,7 @@ def allocate_cmd(
     min_bits: Optional[int] = typer.Option(None, help="Lowest bit width any unpinned tensor may get."),
     max_bits: Optional[int] = typer.Option(None, help="Highest bit width any unpinned tensor may get."),
     role_bits: list[str] = typer.Option([], "--role-bits", help="Per-role range 'ROLE=LO:HI' (e.g. attn_v=4:8). Repeatable."),
+    bits_range: list[str] = typer.Option([], "--bits-range", help="Range for tensors matching REGEX: 'REGEX=LO:HI' (per layer: 'layers\\.0\\.=4:8'). Repeatable."),
     time_table: Optional[Path] = typer.Option(None, help="JSON {candidate id: kernel seconds per parameter}."),
     time_budget: Optional[float] = typer.Option(None, help="Total kernel seconds allowed (needs --time-table)."),
     calib_tokens: int = typer.Option(32768, help="Calibration tokens (windows of --seqlen)."),
@@ -109,7 +111,7 @@ def allocate_cmd(
         plan = allocate(model, budget, calib=calib, scores=scores, candidates=_parse_candidates(candidates),
                         calib_tokens=calib_tokens, seqlen=seqlen, seed=seed, include_lm_head=include_lm_head,
                         include_embeddings=include_embeddings, device=device, save_scores=save_scores,
-                        solver=solver, constraints=_constraints(pin, min_bits, max_bits, role_bits),
+                        solver=solver, constraints=_constraints(pin, min_bits, max_bits, role_bits, bits_range),
                         granularity=granularity, time_table=_time_table(time_table), time_budget=time_budget, time_limit_s=time_limit,
                         track=track)
     plan.save(output)
@@ -137,6 +139,7 @@ def frontier_cmd(
     min_bits: Optional[int] = typer.Option(None),
     max_bits: Optional[int] = typer.Option(None),
     role_bits: list[str] = typer.Option([], "--role-bits"),
+    bits_range: list[str] = typer.Option([], "--bits-range"),
     calib_tokens: int = typer.Option(32768),
     seqlen: int = typer.Option(512),
     seed: int = typer.Option(0),
@@ -155,7 +158,7 @@ def frontier_cmd(
         points = frontier(model, targets, calib=calib, scores=scores, candidates=_parse_candidates(candidates),
                           calib_tokens=calib_tokens, seqlen=seqlen, seed=seed, device=device, solver=solver,
                           granularity=granularity,
-                          constraints=_constraints(pin, min_bits, max_bits, role_bits), eval_text=eval_text,
+                          constraints=_constraints(pin, min_bits, max_bits, role_bits, bits_range), eval_text=eval_text,
                           eval_tokens=eval_tokens, track=track)
     written = write_frontier(output, points)
     if not quiet:

@@ -187,6 +187,7 @@ class ConstraintsInfo(_Strict):
     min_bits: Optional[int] = None
     max_bits: Optional[int] = None
     role_bits: list[str] = Field(default_factory=list)
+    bits_ranges: list[str] = Field(default_factory=list)
     time_budget: Optional[float] = None  # seconds of the secondary (kernel-time) resource
 
 

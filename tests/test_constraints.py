@@ -30,6 +30,13 @@ def test_role_ranges_and_global_bounds_intersect():
     assert m[0].tolist() == [False, False, True, True]
 
 
+def test_per_layer_ranges_by_regex():
+    m = mask(bits_ranges=(r"layers\.1\.=3:4", r"down_proj=2:3"))
+    assert m[3].tolist() == [False, True, False, False]  # layer 1 down: [3,4] and [2,3]
+    assert m[2].tolist() == [True, True, False, False]  # layer 0 down: [2,3]
+    assert m[0].tolist() == [True, True, True, True]
+
+
 @pytest.mark.parametrize("kw,needle", [
     (dict(pins=("q_proj=4", "self_attn=3")), "contradictory pins"),
     (dict(pins=("lm_head=5",)), "not among the candidates"),
@@ -39,6 +46,8 @@ def test_role_ranges_and_global_bounds_intersect():
     (dict(role_bits=("attn_q=5:6",)), "no candidate"),
     (dict(role_bits=("nonsense=2:4",)), "ROLE=LO:HI"),
     (dict(role_bits=("attn_q=6:2",)), "lower bound exceeds"),
+    (dict(bits_ranges=(r"layers\.0\.=5:6",)), "no candidate"),
+    (dict(bits_ranges=("4:8",)), "cannot parse bits range"),
 ])
 def test_contradictions_are_refused(kw, needle):
     with pytest.raises(ConstraintError, match=needle):

@@ -56,22 +56,39 @@ def _parse_range(text: str, what: str) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Constraints:
-    """Pins (``REGEX=BITS``), global ``min_bits``/``max_bits`` and ``role_bits`` (``ROLE=LO:HI``)."""
+    """Pins (``REGEX=BITS``), global ``min_bits``/``max_bits``, ``role_bits`` (``ROLE=LO:HI``) and
+    ``bits_ranges`` (``REGEX=LO:HI``, e.g. per layer: ``layers\\.0\\.=4:8``). All bounds that apply
+    to a tensor intersect; pins override them."""
 
     pins: tuple[str, ...] = ()
     min_bits: Optional[int] = None
     max_bits: Optional[int] = None
     role_bits: tuple[str, ...] = ()
+    bits_ranges: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.min_bits is not None and self.max_bits is not None and self.min_bits > self.max_bits:
             raise ConstraintError(f"--min-bits {self.min_bits} exceeds --max-bits {self.max_bits}")
         self.parsed_pins()
         self.role_ranges()
+        self.regex_ranges()
 
     @property
     def empty(self) -> bool:
-        return not (self.pins or self.role_bits) and self.min_bits is None and self.max_bits is None
+        return not (self.pins or self.role_bits or self.bits_ranges) and self.min_bits is None and self.max_bits is None
+
+    def regex_ranges(self) -> list[tuple[re.Pattern[str], int, int]]:
+        out = []
+        for item in self.bits_ranges:
+            regex, sep, rng = item.rpartition("=")
+            if not sep or not regex:
+                raise ConstraintError(f"cannot parse bits range {item!r}: use REGEX=LO:HI, e.g. 'layers\\.0\\.=4:8'")
+            try:
+                pattern = re.compile(regex)
+            except re.error as exc:
+                raise ConstraintError(f"bits range {item!r} has an invalid regular expression: {exc}") from None
+            out.append((pattern, *_parse_range(rng, f"bits range {item!r}")))
+        return out
 
     def parsed_pins(self) -> list[Pin]:
         return [parse_pin(p) for p in self.pins]
@@ -105,6 +122,7 @@ class Constraints:
         """[U, C] mask of the candidates each unit may take. ``aliases`` gives other names a tensor
         answers to (a tied embedding is also ``lm_head.weight``)."""
         ranges = self.role_ranges()
+        regex_ranges = self.regex_ranges()
         mask = np.ones((len(names), len(candidates)), dtype=bool)
         for i, (name, role) in enumerate(zip(names, roles)):
             pin = self.pin_for(name, (aliases or {}).get(name, ()))
@@ -116,6 +134,9 @@ class Constraints:
                 continue
             lo, hi = ranges.get(role, (self.min_bits or 0, self.max_bits or 64))
             lo, hi = max(lo, self.min_bits or 0), min(hi, self.max_bits or 64)
+            for pattern, rlo, rhi in regex_ranges:
+                if pattern.search(name):
+                    lo, hi = max(lo, rlo), min(hi, rhi)
             mask[i] = [lo <= c.bits <= hi for c in candidates]
             if not mask[i].any():
                 raise ConstraintError(f"the bit bounds leave {name} ({role}) no candidate among "

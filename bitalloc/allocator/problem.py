@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..budget import Budget, tensor_bits
+from ..budget import SCALE_BITS, ZERO_BITS, Budget
 from ..errors import BudgetError, ConstraintError
 from ..plan import Candidate
 
@@ -119,8 +119,11 @@ def build_problem(unit_names: Sequence[str], shapes: Sequence[Sequence[int]], er
         if i not in grouped:
             names.append(n)
             members.append([i])
-    numel = np.array([int(np.prod(s)) for s in shapes], dtype=np.int64)
-    unit_bits = np.array([[_storage(shapes[i], c) for c in cands] for i in range(len(unit_names))], dtype=np.int64)
+    rows = np.array([int(np.prod(s[:-1])) for s in shapes], dtype=np.int64)
+    cols = np.array([int(s[-1]) for s in shapes], dtype=np.int64)
+    numel = rows * cols
+    unit_bits = np.stack([storage_bits(rows, cols, c) for c in cands], axis=1) if len(shapes) else \
+        np.zeros((0, len(cands)), np.int64)
     C = len(cands)
     cost = np.stack([errors[m].sum(0) for m in members]) if members else np.zeros((0, C))
     bits = np.stack([unit_bits[m].sum(0) for m in members]) if members else np.zeros((0, C), np.int64)
@@ -150,6 +153,7 @@ def build_problem(unit_names: Sequence[str], shapes: Sequence[Sequence[int]], er
                    time, time_budget)
 
 
-def _storage(shape: Sequence[int], c: Candidate) -> int:
-    rows = int(np.prod(shape[:-1]))
-    return tensor_bits(rows, int(shape[-1]), c.bits, c.group_size)
+def storage_bits(rows: np.ndarray, cols: np.ndarray, c: Candidate) -> np.ndarray:
+    """Vectorised :func:`bitalloc.budget.tensor_bits` for many tensors at one candidate."""
+    groups = rows * -(-cols // c.group_size)
+    return rows * cols * c.bits + groups * (SCALE_BITS + ZERO_BITS)
