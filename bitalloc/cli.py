@@ -237,6 +237,74 @@ def show_cmd(plan: Path = typer.Argument(..., help="Plan JSON.")) -> None:
     typer.echo(Plan.load(plan).summary())
 
 
+@app.command("export")
+@_user_errors
+def export_cmd(
+    plan: Path = typer.Argument(..., help="Plan JSON."),
+    to: str = typer.Option(..., "--to", help="gptqmodel | compressed-tensors | llmcompressor-recipe | llamacpp | autoround | torchao."),
+    output: Path = typer.Option(..., "--output", "-o", help="File to write."),
+) -> None:
+    """Write the plan as another quantizer's config (README: 'Use your plan with ...')."""
+    from .export import export_plan
+    from .plan import Plan, atomic_write_text, check_writable
+
+    check_writable(output)
+    text, notes = export_plan(Plan.load(plan), to)
+    atomic_write_text(output, text)
+    for n in notes:
+        typer.echo(f"note: {n}", err=True)
+    typer.echo(f"wrote {output}")
+
+
+@app.command("import")
+@_user_errors
+def import_cmd(
+    config: Path = typer.Argument(..., help="GPTQModel quantize_config, compressed-tensors config or AutoRound layer_config (JSON)."),
+    model: Path = typer.Option(..., "--model", help="The model the config quantizes."),
+    output: Path = typer.Option(..., "--output", "-o", help="Plan JSON to write."),
+    scores: Optional[Path] = typer.Option(None, "--scores", help="Error table to fill in predicted errors."),
+) -> None:
+    """Read another quantizer's config into a plan (exact bits per tensor)."""
+    from .importer import import_config
+    from .plan import check_writable
+
+    check_writable(output)
+    plan = import_config(config, model, scores)
+    plan.save(output)
+    typer.echo(f"wrote {output}: {plan.budget.achieved_bpp:.4f} bpp ({plan.solver.name})")
+
+
+@app.command("diff")
+@_user_errors
+def diff_cmd(
+    a: Path = typer.Argument(..., help="First plan."),
+    b: Path = typer.Argument(..., help="Second plan."),
+    scores: Optional[Path] = typer.Option(None, "--scores", help="Error table: show each plan's predicted error."),
+) -> None:
+    """Per-layer differences, bpp and predicted error of two plans of one model."""
+    from .diff import diff_plans
+    from .plan import Plan
+    from .scores import ErrorTable
+
+    table = ErrorTable.load(scores) if scores is not None else None
+    typer.echo(diff_plans(Plan.load(a), Plan.load(b), table, (a.name, b.name)))
+
+
+@app.command("report")
+@_user_errors
+def report_cmd(
+    plan: Path = typer.Argument(..., help="Plan JSON."),
+    png: Path = typer.Option(..., "--png", help="Image to write."),
+) -> None:
+    """A heatmap of bits by layer x role (and expert), the bits histogram, target vs achieved."""
+    from .plan import Plan, atomic_write_bytes, check_writable
+    from .report import render
+
+    check_writable(png)
+    atomic_write_bytes(png, render(Plan.load(plan)))
+    typer.echo(f"wrote {png}")
+
+
 def main() -> None:
     app()
 

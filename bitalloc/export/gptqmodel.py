@@ -1,0 +1,54 @@
+"""GPTQModel ``QuantizeConfig`` with ``dynamic`` per-module overrides (also read by vLLM / SGLang).
+
+GPTQModel matches each rule with ``re.match`` on the full module name, negative rules
+(``-:``) first, then the first positive rule wins; vLLM walks the dict in order the same way, but
+with its fused module names (``qkv_proj``, ``gate_up_proj``), which the tie-group rules also match.
+Per-expert widths are honoured by GPTQModel; vLLM's fused MoE layers take one width per layer.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from ..errors import PlanError
+from ..plan import Candidate, Plan
+from .rules import check_fusable, base_choice, compile_rules, locked_linear_modules
+
+TOOL = "GPTQModel dynamic"
+
+
+def export(plan: Plan) -> dict[str, Any]:
+    check_fusable(plan, TOOL)
+    base = base_choice(plan, TOOL)
+    dynamic: dict[str, dict] = {}
+    for module in locked_linear_modules(plan):
+        dynamic[f"-:^{re.escape(module)}$"] = {}
+    for rule in compile_rules(plan, TOOL, skip=base):
+        dynamic[rule.pattern] = {"bits": rule.choice.bits, "group_size": rule.choice.group_size,
+                                 "sym": rule.choice.symmetric}
+    return {"bits": base.bits, "group_size": base.group_size, "sym": base.symmetric, "desc_act": False,
+            "lm_head": any(e.role.value == "lm_head" and not e.locked for e in plan.entries),
+            "quant_method": "gptq", "checkpoint_format": "gptq", "dynamic": dynamic}
+
+
+def resolve(config: dict[str, Any], module: str) -> Candidate | None:
+    """The choice GPTQModel gives ``module`` under ``config``: None when excluded by a ``-:`` rule."""
+    try:
+        base = Candidate(bits=int(config["bits"]), group_size=int(config.get("group_size", 128)),
+                         symmetric=bool(config.get("sym", True)))
+        rules = dict(config.get("dynamic") or {})
+    except (KeyError, TypeError, ValueError):
+        raise PlanError("not a GPTQModel quantize_config (needs bits, group_size and an optional dynamic)") from None
+    negatives = [p for p in rules if p.startswith("-:")]
+    for p in negatives:
+        if re.match(p[2:], module):
+            return None
+    for p, override in rules.items():
+        if p in negatives:
+            continue
+        if re.match(p.removeprefix("+:"), module):
+            return Candidate(bits=int(override.get("bits", base.bits)),
+                             group_size=int(override.get("group_size", base.group_size)),
+                             symmetric=bool(override.get("sym", base.symmetric)))
+    return base

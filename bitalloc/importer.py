@@ -1,0 +1,72 @@
+"""Read another quantizer's config into a plan (bits per tensor), to compare or re-budget it.
+
+The imported plan prices every tensor exactly as bitalloc does, so its ``achieved_bpp`` is the
+honest size of that quantization; with a score file its predicted error is filled in too.
+Modules the config excludes become locked entries (``reason: excluded by the imported config``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .allocator import build_problem, greedy_marginal
+from .api import build_plan
+from .budget import Budget, tensor_bits
+from .errors import PlanError
+from .export import detect
+from .model.checkpoint import Checkpoint
+from .model.inventory import build_inventory
+from .plan import Plan
+from .scores import ErrorTable
+
+
+def import_config(path: str | Path, model: str | Path, scores: Optional[str | Path] = None) -> Plan:
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text())
+    except OSError as exc:
+        raise PlanError(f"cannot read {p}: {exc.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise PlanError(f"{p} is not valid JSON") from None
+    fmt, config, resolve = detect(doc)
+    ckpt = Checkpoint(model)
+    inv = build_inventory(ckpt)
+    choices = {u.tensor: resolve(config, u.module) for u in inv.quantized}
+    units = [u if u.locked or choices[u.tensor] is not None else
+             dataclasses.replace(u, locked=True, reason="excluded by the imported config") for u in inv.units]
+    inv = dataclasses.replace(inv, units=units)
+    quantized = inv.quantized
+    candidates = sorted({choices[u.tensor] for u in quantized}, key=lambda c: (c.bits, c.group_size, c.symmetric))
+    by_name = {u.tensor: choices[u.tensor] for u in quantized}
+    inv.tie_groups = [g for g in inv.tie_groups if all(m in by_name for m in g.members)
+                      and len({by_name[m] for m in g.members}) == 1]
+    allowed = np.array([[c == by_name[u.tensor] for c in candidates] for u in quantized])
+    table = _table(scores, ckpt, candidates)
+    errors = np.array([table.errors[table.row(u.tensor)][[table.column(c) for c in candidates]]
+                       if table.has(u.tensor) else np.zeros(len(candidates)) for u in quantized])
+    names, shapes = [u.tensor for u in quantized], [u.shape for u in quantized]
+    ties = [g.members for g in inv.tie_groups]
+    # price the imported choices exactly, then "solve" the problem that allows only them
+    exact_bits = _exact_bits(shapes, [by_name[n] for n in names])
+    budget = Budget(exact_bits / 8, "bytes", f"{exact_bits / 8:.0f}B (as imported)")
+    problem = build_problem(names, shapes, errors, candidates, ties, budget, allowed)
+    a = dataclasses.replace(greedy_marginal(problem), solver=f"imported:{fmt}", status="imported")
+    return build_plan(ckpt, inv, problem, a, table, budget)
+
+
+def _exact_bits(shapes, choices) -> int:
+    return sum(tensor_bits(int(np.prod(s[:-1])), int(s[-1]), c.bits, c.group_size) for s, c in zip(shapes, choices))
+
+
+def _table(scores, ckpt: Checkpoint, candidates) -> ErrorTable:
+    if scores is not None:
+        t = ErrorTable.load(scores)
+        if t.meta.get("config_sha256") == ckpt.config_sha256 and all(c in t.candidates for c in candidates):
+            return t
+    return ErrorTable([], list(candidates), np.zeros((0, len(candidates))), np.zeros(0, np.int64),
+                      np.zeros((0, len(candidates))), np.zeros(1, np.int64), {})
