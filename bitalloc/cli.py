@@ -293,15 +293,22 @@ def diff_cmd(
 @app.command("report")
 @_user_errors
 def report_cmd(
-    plan: Path = typer.Argument(..., help="Plan JSON."),
+    plans: list[Path] = typer.Argument(..., help="One plan, or several plans of one model for a frontier plot."),
     png: Path = typer.Option(..., "--png", help="Image to write."),
 ) -> None:
-    """A heatmap of bits by layer x role (and expert), the bits histogram, target vs achieved."""
+    """One plan: heatmap of bits by layer x role (and expert), histogram, target vs achieved.
+    Several plans: their predicted error against achieved bpp (the frontier)."""
+    from .frontier import FrontierPoint, frontier_png
     from .plan import Plan, atomic_write_bytes, check_writable
     from .report import render
 
     check_writable(png)
-    atomic_write_bytes(png, render(Plan.load(plan)))
+    loaded = [Plan.load(p) for p in plans]
+    if len(loaded) == 1:
+        atomic_write_bytes(png, render(loaded[0]))
+    else:
+        points = sorted((FrontierPoint(p.budget.achieved_bpp, p) for p in loaded), key=lambda x: x.target_bpp)
+        atomic_write_bytes(png, frontier_png(points))
     typer.echo(f"wrote {png}")
 
 

@@ -66,11 +66,12 @@ def write_frontier(directory: Path, points: Sequence[FrontierPoint]) -> list[Pat
                     "" if s.gap is None else f"{s.gap:.3g}", f"{s.seconds:.4f}", p.filename,
                     "" if p.perplexity is None else f"{p.perplexity:.6f}"])
     written.append(atomic_write_text(directory / "frontier.csv", buf.getvalue()))
-    written.append(atomic_write_bytes(directory / "frontier.png", _plot(points)))
+    written.append(atomic_write_bytes(directory / "frontier.png", frontier_png(points)))
     return written
 
 
-def _plot(points: Sequence[FrontierPoint]) -> bytes:
+def frontier_png(points: Sequence[FrontierPoint]) -> bytes:
+    """Predicted error (and measured perplexity where known) against achieved bpp."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -71,6 +71,7 @@ def test_export_then_import_gives_the_same_bits(fmt, which, request, tmp_path):
     got = {e.tensor: (e.bits, e.group_size, e.locked) for e in back.entries}
     assert got == want
     assert back.budget.achieved_bpp == pytest.approx(p.budget.achieved_bpp, abs=1e-12)
+    assert export_plan(back, fmt)[0] == text  # import, then export back: the same file
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +163,8 @@ def test_cli_export_import_diff_report(plan, tiny_llama, tmp_path):
     assert r.exit_code == 0 and "no tensor differs" in r.output
     r = run(app, ["report", str(p), "--png", str(tmp_path / "r.png")])
     assert r.exit_code == 0 and (tmp_path / "r.png").stat().st_size > 0
+    r = run(app, ["report", str(p), str(tmp_path / "b.json"), "--png", str(tmp_path / "f.png")])
+    assert r.exit_code == 0 and (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
     r = run(app, ["export", str(p), "--to", "exl2", "-o", str(tmp_path / "x")])
     assert r.exit_code == 2 and "unknown export format" in r.output
     (tmp_path / "junk.json").write_text('{"hello": 1}')

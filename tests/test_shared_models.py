@@ -34,3 +34,22 @@ def test_moe_inventory_uses_per_expert_checkpoint_keys():
     assert len(q) == 6 * (4 + 8 * 3)
     assert all(u.tensor in ckpt.tensors for u in q)
     assert sum(1 for u in inv.units if u.reason == "moe_router") == 6
+
+
+@pytest.mark.parametrize("model", [DENSE, MOE], ids=["dense", "moe"])
+def test_every_exporter_on_a_shared_model_plan(model, tmp_path):
+    import json
+
+    from bitalloc.export import FORMATS, export_plan
+    from bitalloc.export.compressed_tensors import validate
+    from bitalloc.importer import import_config
+
+    plan = bitalloc.allocate(model, budget="2.75", calib=CALIB, calib_tokens=1024)
+    for fmt in FORMATS:
+        text, _ = export_plan(plan, fmt)
+        assert text.strip()
+        if fmt in ("gptqmodel", "autoround", "compressed-tensors"):
+            (tmp_path / fmt).write_text(text)
+            back = import_config(tmp_path / fmt, model)
+            assert {e.tensor: e.bits for e in back.entries} == {e.tensor: e.bits for e in plan.entries}
+    validate(json.loads(export_plan(plan, "compressed-tensors")[0])["quantization_config"], plan)
