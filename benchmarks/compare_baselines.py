@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 import bitalloc
-from bitalloc.allocator import position_priority, promote_in_order, random_assignment, solve_ilp, uniform
+from bitalloc.allocator import position_priority, promote_in_order, random_assignment, uniform
 from bitalloc.api import build_plan, problem_from_table
 from bitalloc.budget import parse_budget
 from bitalloc.errors import BudgetError

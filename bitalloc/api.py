@@ -22,7 +22,7 @@ from . import __version__
 from .allocator import SOLVERS, Assignment, Constraints, Problem, build_problem, solve
 from .budget import Budget, parse_budget
 from .data import CALIB_SEQLEN, CALIB_TOKENS, EVAL_SEQLEN, EVAL_TOKENS, calibration_windows, file_sha256, tokenize
-from .errors import BitallocError, ConstraintError, ScoresError
+from .errors import BitallocError, ConstraintError
 from .model.checkpoint import Checkpoint
 from .model.inventory import Inventory, build_inventory
 from .plan import (DEFAULT_CANDIDATES, LOCKED_BITS, BudgetInfo, CalibrationInfo, Candidate, ConstraintsInfo, Entry,

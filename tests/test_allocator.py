@@ -3,7 +3,7 @@ import itertools
 import numpy as np
 import pytest
 
-from bitalloc.allocator import (build_problem, greedy_marginal, position_priority, promote_in_order,
+from bitalloc.allocator import (build_problem, position_priority, promote_in_order,
                                 random_assignment, relax, solve, solve_ilp, uniform)
 from bitalloc.budget import parse_budget
 from bitalloc.errors import BudgetError

@@ -102,6 +102,12 @@ def test_llamacpp_aggregates_experts_and_reports_changes(moe_plan):
     for e in moe_plan.entries:
         if e.expert is not None:
             per_expert[(e.layer, e.role.value)].add(e.bits)
+    # llama.cpp lower-cases names and uses regex_search: each pattern must hit exactly its own tensor
+    import re
+
+    gguf_names = [line.split("=")[0][1:-1].replace("\\", "") for line in lines]
+    for line in lines:
+        assert sum(bool(re.search(line.split("=")[0], n.lower())) for n in gguf_names) == 1
     mixed = sum(len(b) > 1 for b in per_expert.values())
     assert sum("experts moved" in n for n in notes) == mixed
     assert any(n.startswith("predicted GGUF size") for n in notes)
