@@ -1,11 +1,31 @@
-"""bitalloc: mixed-precision bit allocation for LLM weight quantization, solved exactly under a budget."""
+"""bitalloc: mixed-precision bit allocation for LLM weight quantization, solved exactly under a budget.
+
+The public API is imported lazily, so ``import bitalloc.plan`` (pure data) or the sensitivity
+pass does not pull in the solvers, and the solvers never pull in torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .api import allocate, build_plan, compute_scores, evaluate  # noqa: E402
-from .errors import BitallocError  # noqa: E402
-from .plan import Candidate, Plan  # noqa: E402
-from .scores import ErrorTable  # noqa: E402
+_EXPORTS = {
+    "allocate": "api", "build_plan": "api", "compute_scores": "api", "evaluate": "api", "frontier": "api",
+    "BitallocError": "errors", "Candidate": "plan", "Plan": "plan", "ErrorTable": "scores",
+}
+__all__ = ["__version__", *sorted(_EXPORTS)]
 
-__all__ = ["BitallocError", "Candidate", "ErrorTable", "Plan", "__version__", "allocate", "build_plan",
-           "compute_scores", "evaluate"]
+if TYPE_CHECKING:
+    from .api import allocate, build_plan, compute_scores, evaluate, frontier  # noqa: F401
+    from .errors import BitallocError  # noqa: F401
+    from .plan import Candidate, Plan  # noqa: F401
+    from .scores import ErrorTable  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'bitalloc' has no attribute {name!r}")

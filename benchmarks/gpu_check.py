@@ -1,0 +1,56 @@
+"""The GPU path against the CPU path: same error table and perplexity, and how much faster.
+
+    python benchmarks/gpu_check.py out/demo      # needs a CUDA device; builds the demo model if absent
+
+Builds the demo model (examples/build_demo_model.py) if needed, then runs the sensitivity pass and
+the evaluation on CPU and on CUDA and prints one JSON line with the largest relative differences and
+the timings.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bitalloc.data import calibration_windows, tokenize
+from bitalloc.eval import perplexity
+from bitalloc.model.checkpoint import Checkpoint
+from bitalloc.model.inventory import build_inventory
+from bitalloc.plan import DEFAULT_CANDIDATES
+from bitalloc.sensitivity import measure_errors
+
+
+def main() -> None:
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "out/demo")
+    if not (out / "model" / "model.safetensors").exists():
+        subprocess.run([sys.executable, "examples/build_demo_model.py", str(out), "--steps", "60"], check=True)
+    model, data = out / "model", out / "data"
+    ckpt = Checkpoint(model)
+    inv = build_inventory(ckpt)
+    ids = calibration_windows(tokenize(model, data / "calib.txt"), 16384, 512, seed=0)
+    result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    tables, ppl = {}, {}
+    for dev in ("cpu", "cuda"):
+        t0 = time.perf_counter()
+        tables[dev] = measure_errors(ckpt, inv, ids, list(DEFAULT_CANDIDATES), device=dev)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        result[f"sensitivity_s_{dev}"] = round(time.perf_counter() - t0, 2)
+        t0 = time.perf_counter()
+        ppl[dev] = perplexity(ckpt, data / "heldout.txt", bits=3, device=dev).perplexity
+        result[f"eval_s_{dev}"] = round(time.perf_counter() - t0, 2)
+    a, b = tables["cpu"].errors, tables["cuda"].errors
+    result["max_rel_diff_errors"] = float(np.max(np.abs(a - b) / np.maximum(np.abs(a), 1e-12)))
+    result["ppl_cpu"], result["ppl_cuda"] = ppl["cpu"], ppl["cuda"]
+    result["tokens_per_s_cuda"] = round(ids.numel() / result["sensitivity_s_cuda"], 1)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
