@@ -1,6 +1,7 @@
 """The GPU path against the CPU path: same error table and perplexity, and how much faster.
 
     python benchmarks/gpu_check.py out/demo      # needs a CUDA device; builds the demo model if absent
+    python benchmarks/gpu_check.py MODEL_DIR CALIB HELDOUT [TOKENS]
 
 Builds the demo model (examples/build_demo_model.py) if needed, then runs the sensitivity pass and
 the evaluation on CPU and on CUDA and prints one JSON line with the largest relative differences and
@@ -27,14 +28,19 @@ from bitalloc.sensitivity import measure_errors
 
 
 def main() -> None:
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "out/demo")
-    if not (out / "model" / "model.safetensors").exists():
-        subprocess.run([sys.executable, "examples/build_demo_model.py", str(out), "--steps", "60"], check=True)
-    model, data = out / "model", out / "data"
+    if len(sys.argv) >= 4:
+        model, calib, heldout = (Path(a) for a in sys.argv[1:4])
+        tokens = int(sys.argv[4]) if len(sys.argv) > 4 else 32768
+    else:
+        out = Path(sys.argv[1] if len(sys.argv) > 1 else "out/demo")
+        if not (out / "model" / "model.safetensors").exists():
+            subprocess.run([sys.executable, "examples/build_demo_model.py", str(out), "--steps", "60"], check=True)
+        model, calib, heldout, tokens = out / "model", out / "data" / "calib.txt", out / "data" / "heldout.txt", 16384
     ckpt = Checkpoint(model)
     inv = build_inventory(ckpt)
-    ids = calibration_windows(tokenize(model, data / "calib.txt"), 16384, 512, seed=0)
-    result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    ids = calibration_windows(tokenize(model, calib), tokens, 512, seed=0)
+    result = {"model": model.name, "tokens": int(ids.numel()), "device": torch.cuda.get_device_name(0),
+              "torch": torch.__version__}
     tables, ppl = {}, {}
     for dev in ("cpu", "cuda"):
         t0 = time.perf_counter()
@@ -43,7 +49,7 @@ def main() -> None:
             torch.cuda.synchronize()
         result[f"sensitivity_s_{dev}"] = round(time.perf_counter() - t0, 2)
         t0 = time.perf_counter()
-        ppl[dev] = perplexity(ckpt, data / "heldout.txt", bits=3, device=dev).perplexity
+        ppl[dev] = perplexity(ckpt, heldout, bits=3, device=dev).perplexity
         result[f"eval_s_{dev}"] = round(time.perf_counter() - t0, 2)
     a, b = tables["cpu"].errors, tables["cuda"].errors
     result["max_rel_diff_errors"] = float(np.max(np.abs(a - b) / np.maximum(np.abs(a), 1e-12)))
