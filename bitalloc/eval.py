@@ -16,16 +16,15 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch import nn
 
 from .data import EVAL_SEQLEN, EVAL_TOKENS, eval_windows, tokenize
 from .errors import PlanError
 from .model.checkpoint import Checkpoint
 from .model.inventory import Unit, build_inventory
-from .model.layerwise import LayerwiseModel, iter_batches, resolve_device, unit_view
+from .model.layerwise import LayerwiseModel, resolve_device, unit_view
 from .plan import Candidate, Plan, Role
 from .progress import SILENT, Tracker
-from .rounding.rtn import rtn_dequantize
+from .rounding.rtn import Runs, fake_quantize
 
 EVAL_BATCH = 8
 
@@ -37,9 +36,6 @@ class EvalResult:
     tokens: int
     seconds: float
     label: str
-
-
-Runs = list[tuple[int, int, Candidate]]  # (first column, end column, candidate) over a tensor's inputs
 
 
 def quantization_map(ckpt: Checkpoint, plan: Optional[Plan], bits: Optional[int], group_size: int) -> dict[str, tuple[Unit, Runs]]:
@@ -85,35 +81,22 @@ def perplexity(ckpt: Checkpoint, text: str, plan: Optional[Plan] = None, bits: O
         norm_w, head_w = lm.head_weights()
         tied = "lm_head.weight" not in ckpt.tensors
         if Role.embedding in outer:
-            emb = _fake(emb, outer[Role.embedding])
+            emb = fake_quantize(emb, outer[Role.embedding])
             if tied:  # one stored tensor serves both uses
                 head_w = emb
         if Role.lm_head in outer:
-            head_w = _fake(head_w, outer[Role.lm_head])
+            head_w = fake_quantize(head_w, outer[Role.lm_head])
         h = emb[ids]
         del emb
-        pos = lm.position_embeddings(seqlen, EVAL_BATCH)
         for i in range(lm.num_layers):
             layer = lm.load_layer(i)
             for u, runs in by_layer.get(i, []):
                 view = unit_view(layer, u)
-                view.copy_(_fake(view, runs))
-            for b in iter_batches(len(ids), EVAL_BATCH):
-                n = b.stop - b.start
-                h[b] = lm.run_layer(layer, h[b], (pos[0][:n], pos[1][:n]))
+                view.copy_(fake_quantize(view, runs))
+            lm.run_layer_batched(layer, h, h, EVAL_BATCH)
             lm.release_layer(i)
             task.advance()
-        total = 0.0
-        for b in iter_batches(len(ids), EVAL_BATCH):
-            logits = lm.head_logits(h[b], norm_w, head_w)
-            total += float(nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                       ids[b, 1:].reshape(-1), reduction="sum"))
+        total, n_pred = lm.total_loss(h, ids, norm_w, head_w, EVAL_BATCH)
         task.advance()
-    n_pred = ids.shape[0] * (seqlen - 1)
     loss = total / n_pred
     return EvalResult(math.exp(loss), loss, int(ids.numel()), time.perf_counter() - t0, label)
-
-
-def _fake(w: torch.Tensor, runs: Runs) -> torch.Tensor:
-    """RTN over each run of input columns; runs start on group boundaries, so groups never straddle."""
-    return torch.cat([rtn_dequantize(w[:, a:b], c.bits, c.group_size, c.symmetric) for a, b, c in runs], dim=1)

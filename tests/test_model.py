@@ -149,3 +149,32 @@ def test_other_dense_architectures(arch, tmp_path, heldout_file):
     unquantized = perplexity(Checkpoint(path), heldout_file, tokens=256, seqlen=128)
     assert unquantized.loss == pytest.approx(_reference_loss(path, ids), rel=1e-5)
     assert r.loss != unquantized.loss
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_moe_fused"])
+def test_ground_truth_matches_direct_quantization(name, calib_file, request):
+    """measure_truth against whole-model transformers runs with one tensor RTN-quantized."""
+    from bitalloc.sensitivity.truth import measure_truth
+
+    path = request.getfixturevalue(name)
+    ckpt = Checkpoint(path)
+    inv = build_inventory(ckpt)
+    ids = calibration_windows(tokenize(path, calib_file), 2 * 128, 128, seed=0)
+    cands = [DEFAULT_CANDIDATES[0]]
+    truth, base = measure_truth(ckpt, inv, ids, cands)
+    picks = [u for u in inv.quantized if u.role in (Role.attn_v, Role.mlp_down, Role.expert_down)][:2]
+    for u in picks:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        p = dict(model.named_parameters())
+        with torch.no_grad():
+            if u.expert is None:
+                w = p[u.tensor]
+                w.copy_(rtn_error(w, 2, 128) + w)
+            else:
+                key = u.tensor.split(".experts.")[0] + ".experts.down_proj"
+                w = p[key][u.expert]
+                w.copy_(rtn_error(w, 2, 128) + w)
+            logits = model(ids).logits
+        loss = float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                       ids[:, 1:].reshape(-1)))
+        assert truth[inv.quantized.index(u), 0] == pytest.approx(loss - base, rel=1e-3, abs=1e-6)

@@ -140,6 +140,47 @@ class LayerwiseModel:
         x = h * torch.rsqrt(var + self.norm.variance_epsilon) * norm_w
         return x @ head_w.T
 
+    def run_layer_batched(self, layer: nn.Module, src: torch.Tensor, dst: torch.Tensor, batch: int) -> None:
+        """``dst[s] = layer(src[s])`` for all sequences, ``batch`` at a time (``dst`` may be ``src``)."""
+        n_seq, seqlen = src.shape[:2]
+        pos = self.position_embeddings(seqlen, min(batch, n_seq))
+        with torch.no_grad():
+            for b in iter_batches(n_seq, batch):
+                n = b.stop - b.start
+                out = self.run_layer(layer, src[b].to(self.device), (pos[0][:n], pos[1][:n]))
+                dst[b] = out.to(dst.device)
+
+    def total_loss(self, h: torch.Tensor, ids: torch.Tensor, norm_w: torch.Tensor, head_w: torch.Tensor,
+                   batch: int) -> tuple[float, int]:
+        """(sum of next-token cross-entropies, number of predicted tokens) over all sequences."""
+        total = 0.0
+        with torch.no_grad():
+            for b in iter_batches(len(ids), batch):
+                logits = self.head_logits(h[b].to(self.device), norm_w, head_w)
+                total += float(nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                           ids[b, 1:].reshape(-1), reduction="sum"))
+        return total, ids.shape[0] * (ids.shape[1] - 1)
+
+    def forward_stores(self, ids: torch.Tensor, batch: int, workdir: Optional[str] = None,
+                       track=None) -> list["ActivationStore"]:
+        """Embed ``ids`` and run every layer once, keeping each layer's input (and the final output)."""
+        n_seq, seqlen = ids.shape
+        stores = [ActivationStore(n_seq, seqlen, self.hidden_size, workdir) for _ in range(self.num_layers + 1)]
+        try:
+            stores[0].tensor.copy_(self.embedding_weight()[ids.to(self.device)])
+            task = track.task("calibration forward", self.num_layers) if track is not None else None
+            for i in range(self.num_layers):
+                layer = self.load_layer(i)
+                self.run_layer_batched(layer, stores[i].tensor, stores[i + 1].tensor, batch)
+                self.release_layer(i)
+                if task is not None:
+                    task.advance()
+        except BaseException:
+            for st in stores:
+                st.close()
+            raise
+        return stores
+
     @property
     def hidden_size(self) -> int:
         return int(self.config.hidden_size)

@@ -8,7 +8,14 @@ budget prices); codes q = clamp(round(w / scale) + zero, 0, 2^bits - 1); w_hat =
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from ..plan import Candidate
+
+Runs = list[tuple[int, int, "Candidate"]]  # (first column, end column, candidate) over a tensor's inputs
 
 
 def rtn_dequantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False) -> torch.Tensor:
@@ -35,3 +42,8 @@ def rtn_dequantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool 
 def rtn_error(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False) -> torch.Tensor:
     """dW = RTN(w) - w in fp32."""
     return rtn_dequantize(w.float(), bits, group_size, symmetric) - w.float()
+
+
+def fake_quantize(w: torch.Tensor, runs: Runs) -> torch.Tensor:
+    """RTN over each run of input columns; runs start on group boundaries, so groups never straddle."""
+    return torch.cat([rtn_dequantize(w[:, a:b], c.bits, c.group_size, c.symmetric) for a, b, c in runs], dim=1)

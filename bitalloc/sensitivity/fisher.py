@@ -165,24 +165,12 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
     tokens = np.zeros(len(units), dtype=np.int64)
     timings: dict[str, float] = {}
 
-    stores = [ActivationStore(n_seq, seqlen, lm.hidden_size, workdir) for _ in range(lm.num_layers + 1)]
+    t0 = time.perf_counter()
+    stores = lm.forward_stores(ids, FORWARD_BATCH, workdir, track)
     grad = ActivationStore(n_seq, seqlen, lm.hidden_size, workdir)
     try:
-        t0 = time.perf_counter()
-        emb = lm.embedding_weight()
-        stores[0].tensor.copy_(emb[ids])
-        fwd = track.task("calibration forward", lm.num_layers)
-        pos_b = lm.position_embeddings(seqlen, FORWARD_BATCH)
-        with torch.no_grad():
-            for i in range(lm.num_layers):
-                layer = lm.load_layer(i)
-                for b in iter_batches(n_seq, FORWARD_BATCH):
-                    n = b.stop - b.start
-                    pos = (pos_b[0][:n], pos_b[1][:n])
-                    stores[i + 1].tensor[b] = lm.run_layer(layer, stores[i].tensor[b].to(lm.device), pos).cpu()
-                lm.release_layer(i)
-                fwd.advance()
         timings["forward_s"] = time.perf_counter() - t0
+        emb = lm.embedding_weight() if outer else None
 
         # ---- loss and dL/dh at the top (per sequence) ----------------------------------
         t0 = time.perf_counter()
