@@ -29,11 +29,17 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# Every number in benchmarks/RESULTS.md (about an hour on 2 cores; needs ../shared).
+SHARED ?= ../shared
 bench: install
-	$(BIN)/python benchmarks/compare_baselines.py ../shared/models/llama-dense-16m \
-		--calib ../shared/data/python-calib.txt.xz --heldout ../shared/data/python-heldout.txt.xz
-	$(BIN)/python benchmarks/compare_baselines.py ../shared/models/qwen3moe-20m \
-		--calib ../shared/data/python-calib.txt.xz --heldout ../shared/data/python-heldout.txt.xz
+	for m in llama-dense-16m qwen3moe-20m; do \
+		$(BIN)/python benchmarks/compare_baselines.py $(SHARED)/models/$$m \
+			--calib $(SHARED)/data/python-calib.txt.xz --heldout $(SHARED)/data/python-heldout.txt.xz && \
+		$(BIN)/python benchmarks/compare_solvers.py $(SHARED)/models/$$m \
+			--calib $(SHARED)/data/python-calib.txt.xz --heldout $(SHARED)/data/python-heldout.txt.xz && \
+		$(BIN)/python benchmarks/sensitivity_truth.py $(SHARED)/models/$$m --calib $(SHARED)/data/python-calib.txt.xz \
+		|| exit 1; done
+	$(BIN)/python benchmarks/solver_scaling.py
 
 clean:
 	rm -rf $(VENV) out *.egg-info

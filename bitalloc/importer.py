@@ -64,9 +64,10 @@ def _exact_bits(shapes, choices) -> int:
 
 
 def _table(scores, ckpt: Checkpoint, candidates) -> ErrorTable:
+    """The score file to take predicted errors from, or an empty table when none is given."""
     if scores is not None:
         t = ErrorTable.load(scores)
-        if t.meta.get("config_sha256") == ckpt.config_sha256 and all(c in t.candidates for c in candidates):
-            return t
+        t.check_matches(ckpt.config_sha256, ckpt.index_sha256, list(candidates), [])
+        return t
     return ErrorTable([], list(candidates), np.zeros((0, len(candidates))), np.zeros(0, np.int64),
                       np.zeros((0, len(candidates))), np.zeros(1, np.int64), {})
