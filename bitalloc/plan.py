@@ -300,7 +300,8 @@ class Plan(_Strict):
             f"model      {self.model.path} ({self.model.arch})",
             f"budget     target {b.target} -> achieved {b.achieved_bpp:.4f} bpp over {b.counted_params:,} params "
             f"({b.achieved_bytes / 1e6:.2f} MB quantized; {b.total_bytes / 1e6:.2f} MB with locked tensors at 16 bit)",
-            f"solver     {self.solver.name}: {self.solver.status}, predicted loss increase {self.solver.objective:.5f} nats"
+            f"solver     {self.solver.name}: {self.solver.status}, predicted loss increase "
+            + (f"{self.solver.objective:.5f} nats" if any(e.predicted_error for e in counted) else "n/a (no error table)")
             + (f", gap {self.solver.gap:.2e}" if self.solver.gap is not None else "")
             + f", {self.solver.seconds:.2f} s",
         ]
