@@ -15,7 +15,6 @@ import platform
 import resource
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,7 +27,7 @@ from bitalloc.errors import BudgetError
 from bitalloc.model.checkpoint import Checkpoint
 from bitalloc.model.inventory import build_inventory
 from bitalloc.plan import DEFAULT_CANDIDATES
-from bitalloc.scores import ErrorTable
+from cache import cached_scores
 
 RANDOM_SEEDS = (0, 1, 2)
 
@@ -45,17 +44,7 @@ def main() -> None:
 
     ckpt = Checkpoint(args.model)
     inv = build_inventory(ckpt)
-    out = Path(args.out) / ckpt.path.name
-    out.mkdir(parents=True, exist_ok=True)
-    cache = out / "scores.safetensors"
-    t0 = time.perf_counter()
-    if cache.exists():
-        table = ErrorTable.load(cache)
-        score_s = None
-    else:
-        table = bitalloc.compute_scores(args.model, args.calib)
-        table.save(cache)
-        score_s = time.perf_counter() - t0
+    out, table, score_s = cached_scores(args.model, args.calib, args.out)
     units = inv.quantized
     tiers = position_priority([u.layer for u in units], [u.role.value for u in units], inv.num_layers)
 

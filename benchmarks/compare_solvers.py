@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import bitalloc
-from bitalloc.scores import ErrorTable
+from cache import cached_scores
 
 SOLVERS = ("ilp", "closed-form", "greedy")
 
@@ -27,14 +27,7 @@ def main() -> None:
     ap.add_argument("--budgets", type=float, nargs="+", default=[2.25, 2.5, 2.75, 3.25])
     ap.add_argument("--out", default="benchmarks/out")
     args = ap.parse_args()
-    out = Path(args.out) / Path(args.model).name
-    out.mkdir(parents=True, exist_ok=True)
-    cache = out / "scores.safetensors"
-    if cache.exists():
-        table = ErrorTable.load(cache)
-    else:
-        table = bitalloc.compute_scores(args.model, args.calib)
-        table.save(cache)
+    out, table, _ = cached_scores(args.model, args.calib, args.out)
     rows = []
     for target in args.budgets:
         row = {"target": target}

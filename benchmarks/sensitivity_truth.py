@@ -14,19 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
-import numpy as np
 from safetensors.numpy import load_file, save_file
 from scipy.stats import spearmanr
 
-import bitalloc
 from bitalloc.data import calibration_windows, tokenize
 from bitalloc.model.checkpoint import Checkpoint
 from bitalloc.model.inventory import build_inventory
 from bitalloc.plan import DEFAULT_CANDIDATES
-from bitalloc.scores import ErrorTable
 from bitalloc.sensitivity.truth import measure_truth
+from cache import cached_scores
 
 TRUTH_TOKENS = 8192
 TRUTH_SEED = 1
@@ -41,14 +38,7 @@ def main() -> None:
     args = ap.parse_args()
     ckpt = Checkpoint(args.model)
     inv = build_inventory(ckpt)
-    out = Path(args.out) / ckpt.path.name
-    out.mkdir(parents=True, exist_ok=True)
-    scores_path = out / "scores.safetensors"
-    if scores_path.exists():
-        table = ErrorTable.load(scores_path)
-    else:
-        table = bitalloc.compute_scores(args.model, args.calib)
-        table.save(scores_path)
+    out, table, _ = cached_scores(args.model, args.calib, args.out)
     cands = [c for c in DEFAULT_CANDIDATES if c.bits in WIDTHS]
     truth_path = out / "truth.safetensors"
     seconds = None

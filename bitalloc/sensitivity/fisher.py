@@ -36,7 +36,7 @@ from torch import nn
 
 from ..model.checkpoint import Checkpoint
 from ..model.inventory import Inventory, Unit
-from ..model.layerwise import (ActivationStore, LayerwiseModel, expert_slice, iter_batches, unit_param, unit_slice,
+from ..model.layerwise import (ActivationStore, LayerwiseModel, expert_slice, unit_param, unit_slice,
                                unit_view)
 from ..plan import Candidate, Role
 from ..progress import SILENT, Tracker

@@ -1,0 +1,23 @@
+"""The per-model output folder and cached error table that every benchmark script shares."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import bitalloc
+from bitalloc.scores import ErrorTable
+
+
+def cached_scores(model: str, calib: str, out_root: str) -> tuple[Path, ErrorTable, Optional[float]]:
+    """(out_root/<model name>, the error table, seconds it took or None when read from the cache)."""
+    out = Path(out_root) / Path(model).name
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "scores.safetensors"
+    if path.exists():
+        return out, ErrorTable.load(path), None
+    t0 = time.perf_counter()
+    table = bitalloc.compute_scores(model, calib)
+    table.save(path)
+    return out, table, time.perf_counter() - t0
