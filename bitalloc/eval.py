@@ -41,9 +41,7 @@ class EvalResult:
 def quantization_map(ckpt: Checkpoint, plan: Optional[Plan], bits: Optional[int], group_size: int) -> dict[str, tuple[Unit, Runs]]:
     """Which units to fake-quantize with which candidate(s): from a plan, uniformly, or none (fp)."""
     if plan is not None:
-        check_plan_matches(plan, ckpt)
-        inv = build_inventory(ckpt, include_lm_head=True, include_embeddings=True)
-        units = {u.tensor: u for u in inv.units}
+        units = check_plan_matches(plan, ckpt)
         return {e.tensor: (units[e.tensor], e.column_choices()) for e in plan.entries if not e.locked}
     if bits is None:
         return {}
@@ -51,14 +49,16 @@ def quantization_map(ckpt: Checkpoint, plan: Optional[Plan], bits: Optional[int]
     return {u.tensor: (u, [(0, u.shape[-1], cand)]) for u in build_inventory(ckpt).quantized}
 
 
-def check_plan_matches(plan: Plan, ckpt: Checkpoint) -> None:
+def check_plan_matches(plan: Plan, ckpt: Checkpoint) -> dict[str, Unit]:
+    """Refuse a plan for another model; return the checkpoint's units by tensor name."""
     if plan.model.config_sha256 != ckpt.config_sha256 or plan.model.index_sha256 != ckpt.index_sha256:
         raise PlanError(f"the plan was made for a different model ({plan.model.path}, arch {plan.model.arch}); "
                         f"its config or weight index hash does not match {ckpt.path}")
-    names = {u.tensor for u in build_inventory(ckpt, include_lm_head=True, include_embeddings=True).units}
-    unknown = [e.tensor for e in plan.entries if e.tensor not in names]
+    units = {u.tensor: u for u in build_inventory(ckpt, include_lm_head=True, include_embeddings=True).units}
+    unknown = [e.tensor for e in plan.entries if e.tensor not in units]
     if unknown:
         raise PlanError(f"the plan names tensor {unknown[0]!r}, which {ckpt.path} does not have")
+    return units
 
 
 def perplexity(ckpt: Checkpoint, text: str, plan: Optional[Plan] = None, bits: Optional[int] = None,

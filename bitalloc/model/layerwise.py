@@ -23,7 +23,7 @@ from .checkpoint import Checkpoint
 from .inventory import Unit
 
 
-_EXPERT_ROLES = (Role.expert_gate, Role.expert_up, Role.expert_down)
+EXPERT_ROLES = (Role.expert_gate, Role.expert_up, Role.expert_down)  # held fused in transformers>=5
 
 
 class ActivationStore:
@@ -204,7 +204,7 @@ def unit_param(layer: nn.Module, unit: Unit) -> tuple[nn.Parameter, str]:
     params = dict(layer.named_parameters())
     if unit.local in params:
         return params[unit.local], unit.local
-    if unit.role in _EXPERT_ROLES:
+    if unit.role in EXPERT_ROLES:
         which = "down_proj" if unit.role == Role.expert_down else "gate_up_proj"
         return getattr(layer.get_submodule("mlp.experts"), which), f"mlp.experts.{which}"
     raise CheckpointError(f"cannot find {unit.tensor} inside decoder layer {unit.layer}")
@@ -221,7 +221,7 @@ def unit_view(layer: nn.Module, unit: Unit) -> torch.Tensor:
 
 def unit_slice(full: torch.Tensor, layer: nn.Module, unit: Unit) -> torch.Tensor:
     """The same slice as :func:`unit_view` applied to another tensor shaped like the parameter (e.g. its grad)."""
-    if unit.role not in _EXPERT_ROLES or full.dim() == 2:
+    if unit.role not in EXPERT_ROLES or full.dim() == 2:
         return full
     return expert_slice(full, layer.get_submodule("mlp.experts"), unit.role, unit.expert)
 

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..model.checkpoint import Checkpoint
 from ..model.inventory import Inventory, Unit
-from ..model.layerwise import (ActivationStore, LayerwiseModel, expert_slice, unit_param, unit_slice,
+from ..model.layerwise import (EXPERT_ROLES, ActivationStore, LayerwiseModel, expert_slice, unit_param, unit_slice,
                                unit_view)
 from ..plan import Candidate, Role
 from ..progress import SILENT, Tracker
@@ -66,7 +66,7 @@ class _UnitStats:
         linear_units: dict[str, list[Unit]] = defaultdict(list)
         expert_units: list[Unit] = []
         for u in units:
-            if u.role in (Role.expert_gate, Role.expert_up, Role.expert_down) and u.local not in params:
+            if u.role in EXPERT_ROLES and u.local not in params:
                 expert_units.append(u)
             else:
                 linear_units[u.module.split(f".{u.layer}.", 1)[1]].append(u)
