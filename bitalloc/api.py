@@ -22,13 +22,13 @@ from . import __version__
 from .allocator import SOLVERS, Assignment, Constraints, Problem, build_problem, solve
 from .budget import Budget, parse_budget
 from .data import CALIB_SEQLEN, CALIB_TOKENS, EVAL_SEQLEN, EVAL_TOKENS, calibration_windows, file_sha256, tokenize
-from .errors import BitallocError, ConstraintError
+from .errors import BitallocError, ConstraintError, ScoresError
 from .model.checkpoint import Checkpoint
 from .model.inventory import Inventory, build_inventory
 from .plan import (DEFAULT_CANDIDATES, LOCKED_BITS, BudgetInfo, CalibrationInfo, Candidate, ConstraintsInfo, Entry,
                    ModelInfo, Plan, Role, ScoresInfo, SolverInfo)
 from .progress import SILENT, Tracker
-from .scores import ErrorTable
+from .scores import DEFAULT_SCORE, ErrorTable
 from .units import decision_errors, decision_units, segments_of
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ def _measure(ckpt: Checkpoint, inv: Inventory, calib: str | Path, candidates: li
 
     resolve_device(device)  # a bad device fails before tokenizing
     windows = calibration_windows(tokenize(ckpt.path, calib), calib_tokens, seqlen, seed)
-    table = measure_errors(ckpt, inv, windows, candidates, device=device, track=track)
+    table = measure_errors(ckpt, inv, windows, candidates, device=device, track=track, seed=seed)
     table.meta["calibration"] = {"file": str(calib), "sha256": file_sha256(calib), "tokens": int(windows.numel()),
                                  "seqlen": seqlen, "seed": seed}
     return table
@@ -69,7 +69,7 @@ def allocate(model: str | Path, budget: str | float, calib: Optional[str | Path]
              save_scores: Optional[str | Path] = None, solver: str = "auto",
              constraints: Optional[Constraints] = None, granularity: str = "tensor",
              time_table: Optional[dict[str, float]] = None, time_budget: Optional[float] = None,
-             time_limit_s: float = 60.0, track: Tracker = SILENT) -> Plan:
+             time_limit_s: float = 60.0, score: Optional[str] = None, track: Tracker = SILENT) -> Plan:
     """Choose bits for every tensor of ``model`` so that the total meets ``budget`` exactly.
 
     Args:
@@ -84,10 +84,13 @@ def allocate(model: str | Path, budget: str | float, calib: Optional[str | Path]
         granularity: ``tensor`` (default), ``expert`` (one width per MoE expert) or ``slab`` (per
             128-column slab; the plan then carries ``segments``).
         time_table, time_budget: seconds per parameter of each candidate id, and the total allowed.
+        score: which predictor the solver minimises (``fisher``, ``gradient``, ``hessian``, ``baq``,
+            ``spectral``, ``importance``, ``combined``, ...; docs/sensitivity.md); default: the best measured.
     Returns:
         The validated :class:`Plan`; nothing is written unless ``save_scores`` is set.
     """
     t_start = time.perf_counter()
+    score = score or DEFAULT_SCORE
     if solver not in SOLVERS:
         raise ConstraintError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     ckpt = Checkpoint(model)
@@ -109,8 +112,12 @@ def allocate(model: str | Path, budget: str | float, calib: Optional[str | Path]
         table = scores if isinstance(scores, ErrorTable) else ErrorTable.load(scores)
         table.check_matches(ckpt.config_sha256, ckpt.index_sha256, candidates, needs_errors)
         if calib is not None:  # both given: the table must come from this calibration text
-            table.check_calibration(file_sha256(calib))
+            table.check_calibration(file_sha256(calib), seqlen, seed)
     elif calib is not None:
+        from .sensitivity import SCORE_NAMES
+
+        if score not in SCORE_NAMES:  # before the long pass
+            raise ScoresError(f"unknown score {score!r}; choose one of {', '.join(SCORE_NAMES)}")
         t0 = time.perf_counter()
         table = _measure(ckpt, inv, calib, candidates, calib_tokens, seqlen, seed, device, track)
         timings["sensitivity_s"] = time.perf_counter() - t0
@@ -118,6 +125,7 @@ def allocate(model: str | Path, budget: str | float, calib: Optional[str | Path]
             table.save(save_scores)
     else:
         raise BitallocError("give calibration text (--calib) or a saved score file (--scores)")
+    table = table.using(score)
     problem = problem_from_table(inv, table, candidates, parsed, allowed, time_per_param, time_budget, granularity)
     task = track.task(f"solve ({solver})", 1)
     assignment = solve(problem, solver, time_limit_s=time_limit_s, seed=seed)
@@ -223,7 +231,7 @@ def build_plan(ckpt: Checkpoint, inv: Inventory, problem: Problem, assignment: A
                           objective_scale=assignment.objective_scale, note=assignment.note, granularity=granularity),
         constraints=constraints_info,
         calibration=CalibrationInfo(**cal) if cal else None,
-        scores=ScoresInfo(predictor=table.meta.get("predictor", "unknown"), formula=table.meta.get("formula", ""),
+        scores=ScoresInfo(predictor=table.score, formula=table.meta.get("formulas", {}).get(table.score, ""),
                           calibration_loss=table.meta.get("calibration_loss")),
         timings=timings or {},
     )

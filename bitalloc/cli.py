@@ -50,6 +50,8 @@ def _parse_candidates(text: str):
 
 
 _SOLVER_HELP = "auto (exact; Lagrangian beyond 2e5 groups) | ilp | lagrangian | closed-form | greedy."
+_SCORE_HELP = ("Predictor the solver minimises: fisher (default) | gradient | hessian | hessian_diag | baq | spectral | "
+               "importance | combined (docs/sensitivity.md).")
 _GRANULARITY_HELP = "tensor (default) | expert (one width per MoE expert) | slab (per 128 input columns)."
 _PIN_HELP = "Fix tensors matching REGEX (re.search on the tensor name): 'REGEX=BITS' or 'REGEX=BITSgGROUP'. Repeatable."
 
@@ -82,6 +84,7 @@ def allocate_cmd(
     save_scores: Optional[Path] = typer.Option(None, "--save-scores", help="Save the computed error table here."),
     candidates: str = typer.Option("2,3,4,8", help="Bit widths (optionally with group: '2g64,4g128'); default group 128."),
     solver: str = typer.Option("auto", help=_SOLVER_HELP),
+    score: Optional[str] = typer.Option(None, "--score", help=_SCORE_HELP),
     granularity: str = typer.Option("tensor", help=_GRANULARITY_HELP),
     pin: list[str] = typer.Option([], "--pin", help=_PIN_HELP),
     min_bits: Optional[int] = typer.Option(None, help="Lowest bit width any unpinned tensor may get."),
@@ -113,7 +116,7 @@ def allocate_cmd(
                         include_embeddings=include_embeddings, device=device, save_scores=save_scores,
                         solver=solver, constraints=_constraints(pin, min_bits, max_bits, role_bits, bits_range),
                         granularity=granularity, time_table=_time_table(time_table), time_budget=time_budget, time_limit_s=time_limit,
-                        track=track)
+                        score=score, track=track)
     plan.save(output)
     if not quiet:
         typer.echo(plan.summary())
@@ -134,6 +137,7 @@ def frontier_cmd(
     eval_tokens: int = typer.Option(32768, help="Tokens of --eval text (first N, windows of 512)."),
     candidates: str = typer.Option("2,3,4,8", help="Bit widths (optionally with group)."),
     solver: str = typer.Option("auto", help=_SOLVER_HELP),
+    score: Optional[str] = typer.Option(None, "--score", help=_SCORE_HELP),
     granularity: str = typer.Option("tensor", help=_GRANULARITY_HELP),
     pin: list[str] = typer.Option([], "--pin", help=_PIN_HELP),
     min_bits: Optional[int] = typer.Option(None),
@@ -157,7 +161,7 @@ def frontier_cmd(
     with tracker(quiet) as track:
         points = frontier(model, targets, calib=calib, scores=scores, candidates=_parse_candidates(candidates),
                           calib_tokens=calib_tokens, seqlen=seqlen, seed=seed, device=device, solver=solver,
-                          granularity=granularity,
+                          granularity=granularity, score=score,
                           constraints=_constraints(pin, min_bits, max_bits, role_bits, bits_range), eval_text=eval_text,
                           eval_tokens=eval_tokens, track=track)
     written = write_frontier(output, points)

@@ -69,5 +69,4 @@ def _table(scores, ckpt: Checkpoint, candidates) -> ErrorTable:
         t = ErrorTable.load(scores)
         t.check_matches(ckpt.config_sha256, ckpt.index_sha256, list(candidates), [])
         return t
-    return ErrorTable([], list(candidates), np.zeros((0, len(candidates))), np.zeros(0, np.int64),
-                      np.zeros((0, len(candidates))), np.zeros(1, np.int64), {})
+    return ErrorTable.empty(list(candidates))

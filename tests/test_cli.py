@@ -42,8 +42,19 @@ def test_allocate_eval_end_to_end(tiny_llama, calib_file, heldout_file, tmp_path
     assert r2.exit_code == 0 and r2.output == ""
     assert Plan.load(tmp_path / "p2.json").budget.achieved_bpp <= 2.5
     both = run("allocate", tiny_llama, "--budget", "2.5", "--scores", score_path, "--calib", calib_file,
-               "-o", tmp_path / "p3.json", "-q")
-    assert both.exit_code == 0, both.output  # same calibration text: the saved table is reused
+               "--seqlen", 128, "-o", tmp_path / "p3.json", "-q")
+    assert both.exit_code == 0, both.output  # same calibration text and windows: the saved table is reused
+    stale = run("allocate", tiny_llama, "--budget", "2.5", "--scores", score_path, "--calib", calib_file,
+                "--seqlen", 256, "-o", tmp_path / "p4.json", "-q")
+    assert stale.exit_code == 2 and "--seqlen 128" in stale.output and not (tmp_path / "p4.json").exists()
+    other = run("allocate", tiny_llama, "--budget", "2.5", "--scores", score_path, "--score", "hessian",
+                "-o", tmp_path / "p5.json", "-q")
+    assert other.exit_code == 0, other.output
+    assert Plan.load(tmp_path / "p5.json").scores.predictor == "hessian"
+    assert Plan.load(plan_path).scores.predictor == "fisher"
+    bad = run("allocate", tiny_llama, "--budget", "2.5", "--scores", score_path, "--score", "nope", "-o",
+              tmp_path / "p6.json", "-q")
+    assert bad.exit_code == 2 and "no score 'nope'" in bad.output
     r3 = run("eval", tiny_llama, "--plan", plan_path, "--text", heldout_file, "--tokens", 512, "--seqlen", 128,
              "--json", "-q")
     assert r3.exit_code == 0, r3.output

@@ -26,17 +26,25 @@ def rtn_dequantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool 
     if pad:  # the last group of a row is shorter; padding with its own values keeps its range
         x = torch.cat([x, x[:, -1:].expand(out_f, pad)], dim=1)
     g = x.view(out_f, -1, group_size)
+    scale, zero = rtn_params(g, bits, symmetric)
+    return rtn_round(g, scale, zero, bits).view(out_f, -1)[:, :in_f].to(w.dtype)
+
+
+def rtn_params(g: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16-representable (scale, zero) of each group along the last axis (kept as size-1 dims)."""
     qmax = 2**bits - 1
     if symmetric:
         scale = (g.abs().amax(-1, keepdim=True) / (qmax / 2)).clamp_min(1e-8).half().float()
-        zero = torch.full_like(scale, (qmax + 1) / 2)
-    else:
-        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-        scale = ((hi - lo) / qmax).clamp_min(1e-8).half().float()
-        zero = torch.round(-lo / scale).half().float()
-    q = torch.clamp(torch.round(g / scale) + zero, 0, qmax)
-    deq = ((q - zero) * scale).view(out_f, -1)[:, :in_f]
-    return deq.to(w.dtype)
+        return scale, torch.full_like(scale, (qmax + 1) / 2)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    scale = ((hi - lo) / qmax).clamp_min(1e-8).half().float()
+    return scale, torch.round(-lo / scale).half().float()
+
+
+def rtn_round(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Nearest grid point of (scale, zero) for every entry of ``x`` (dequantized, fp32)."""
+    q = torch.clamp(torch.round(x / scale) + zero, 0, 2**bits - 1)
+    return (q - zero) * scale
 
 
 def rtn_error(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False) -> torch.Tensor:

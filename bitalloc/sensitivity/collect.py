@@ -1,0 +1,350 @@
+"""The calibration pass: one layer-by-layer sweep that feeds every score family.
+
+Pipeline (memory: one decoder layer's weights in fp32 at a time, see ``memory.py``; hidden
+states in memory-mapped stores): embed -> forward through each layer, saving every layer's
+input -> loss and dL/dh at the top, one sequence at a time -> backward layer by layer in
+reverse, re-materialising each layer, one sequence at a time so that each sequence's weight
+gradient is exact. While a layer is materialised, forward hooks accumulate each unit's input
+second moment H, and every sequence's gradient updates the unit's gradient statistics
+(:class:`GradStats`). Then each unit's :class:`~.base.UnitContext` goes to every family in
+``FAMILIES``, and the layer is released. MoE experts see only their routed tokens (counted); an
+expert no calibration token reached gets the mean per-parameter error of its layer-and-role
+peers. Finally ``combined`` calibrates the families against a measured sample.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections import defaultdict
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..model.checkpoint import Checkpoint
+from ..model.inventory import Inventory, Unit
+from ..model.layerwise import (EXPERT_ROLES, ActivationStore, LayerwiseModel, expert_slice, unit_param, unit_slice,
+                               unit_view)
+from ..plan import Candidate, Role
+from ..progress import SILENT, Tracker
+from ..rounding.rtn import rtn_error
+from ..scores import DEFAULT_SCORE, SLAB_WIDTH, ErrorTable
+from . import combined, gradient, hessian, importance, spectral
+from .base import UnitContext
+from .truth import TruthRunner
+
+FAMILIES = {"hessian": hessian, "spectral": spectral, "importance": importance, "gradient": gradient}
+FORMULAS = {name: formula for fam in FAMILIES.values() for name, formula in fam.PREDICTORS.items()}
+FORMULAS["combined"] = combined.FORMULA
+FORWARD_BATCH = 8  # sequences per forward call; bounds activation memory inside a layer
+
+
+def slab_sums_torch(per_col: torch.Tensor) -> torch.Tensor:
+    n = -(-per_col.shape[0] // SLAB_WIDTH)
+    return nn.functional.pad(per_col, (0, n * SLAB_WIDTH - per_col.shape[0])).view(n, SLAB_WIDTH).sum(1)
+
+
+class GradStats:
+    """Per-sequence gradient statistics of one unit: Fisher diagonal, mean, dots with each dW, sketch.
+
+    ``add`` is called once per sequence; nothing of size n_seq x numel is ever kept.
+    """
+
+    def __init__(self, w: torch.Tensor, dws: list[torch.Tensor], n_seq: int, seed: int):
+        self.dws = dws
+        self.fisher = torch.zeros_like(w)
+        self.mean = torch.zeros_like(w)
+        self.dots = torch.zeros(n_seq, len(dws), -(-w.shape[1] // SLAB_WIDTH), device=w.device)
+        self.sketch_fn = gradient.Sketch(tuple(w.shape), seed, w.device)
+        self.sketch = torch.zeros(n_seq, gradient.SKETCH_SIDE**2, device=w.device)
+
+    def add(self, s: int, g: torch.Tensor) -> None:
+        g = g.float()
+        self.fisher += g.pow(2)
+        self.mean += g
+        for c, dw in enumerate(self.dws):
+            self.dots[s, c] = slab_sums_torch((g * dw).sum(0))
+        self.sketch[s] = self.sketch_fn(g)
+
+    def merge(self, other: "GradStats") -> None:
+        """Add another use of the same weight (tied embedding + head): every term is linear in g except
+        the Fisher diagonal, whose cross term E[2 g_1 g_2] is dropped."""
+        self.fisher += other.fisher
+        self.mean += other.mean
+        self.dots += other.dots
+        self.sketch += other.sketch
+
+
+class _Inputs:
+    """Forward hooks on a materialised layer: H = sum x^T x and token counts per unit (routed for experts)."""
+
+    def __init__(self, layer: nn.Module, units: list[Unit]):
+        self.hessian: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = defaultdict(int)
+        self.hooks = []
+        params = dict(layer.named_parameters())
+        linear_units: dict[str, list[Unit]] = defaultdict(list)
+        expert_units: list[Unit] = []
+        for u in units:
+            if u.role in EXPERT_ROLES and u.local not in params:
+                expert_units.append(u)
+            else:
+                linear_units[u.module.split(f".{u.layer}.", 1)[1]].append(u)
+        for local_module, us in linear_units.items():
+            self.hooks.append(layer.get_submodule(local_module).register_forward_hook(self._linear_hook(us)))
+        if expert_units:
+            experts = layer.get_submodule("mlp.experts")
+            self.hooks.append(experts.register_forward_hook(self._experts_hook(experts, expert_units)))
+
+    def add(self, tensor: str, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        h = x.T @ x
+        if tensor in self.hessian:
+            self.hessian[tensor] += h
+        else:
+            self.hessian[tensor] = h
+        self.tokens[tensor] += x.shape[0]
+
+    def _linear_hook(self, units: list[Unit]):
+        def hook(_mod, inputs, _out):
+            for u in units:
+                self.add(u.tensor, inputs[0])
+        return hook
+
+    def _experts_hook(self, experts: nn.Module, units: list[Unit]):
+        """Routed inputs per expert for transformers' fused experts (hidden, top_k_index, top_k_weights)."""
+        by_expert: dict[int, list[Unit]] = defaultdict(list)
+        for u in units:
+            by_expert[u.expert].append(u)
+
+        def hook(_mod, inputs, _out):
+            hidden, index = inputs[0].detach(), inputs[1]
+            with torch.no_grad():
+                for e, us in by_expert.items():
+                    x = hidden[(index == e).any(-1).nonzero().flatten()]
+                    role = {u.role: u for u in us}
+                    for r in (Role.expert_gate, Role.expert_up):
+                        if r in role:
+                            self.add(role[r].tensor, x)
+                    if Role.expert_down in role:
+                        gate = expert_slice(experts.gate_up_proj.data, experts, Role.expert_gate, e)
+                        up = expert_slice(experts.gate_up_proj.data, experts, Role.expert_up, e)
+                        self.add(role[Role.expert_down].tensor, experts.act_fn(x @ gate.T) * (x @ up.T))
+        return hook
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+class _Results:
+    """Family outputs gathered per unit row, assembled into an ErrorTable at the end."""
+
+    def __init__(self, units: list[Unit], candidates: list[Candidate]):
+        self.units, self.candidates = units, candidates
+        self.rows = {u.tensor: i for i, u in enumerate(units)}
+        self.errors: dict[str, list[Optional[np.ndarray]]] = defaultdict(lambda: [None] * len(units))
+        self.stats: dict[str, np.ndarray] = defaultdict(lambda: np.full(len(units), np.nan))
+        self.vectors: dict[str, list[np.ndarray]] = defaultdict(lambda: [np.zeros(0)] * len(units))
+        self.tokens = np.zeros(len(units), dtype=np.int64)
+
+    def record(self, unit: Unit, ctx: UnitContext) -> None:
+        r = self.rows[unit.tensor]
+        self.tokens[r] = ctx.tokens
+        for fam in FAMILIES.values():
+            out = fam.predict(ctx)
+            for k, v in out.errors.items():
+                self.errors[k][r] = v
+            for k, v in out.stats.items():
+                self.stats[k][r] = v
+            for k, v in out.vectors.items():
+                self.vectors[k][r] = v
+
+    def unit_errors(self) -> dict[str, np.ndarray]:
+        return {k: np.stack([s.sum(0) for s in v]) for k, v in self.errors.items()}
+
+    def fill_unrouted_experts(self) -> None:
+        """Experts that received no calibration token get their layer-and-role mean error per parameter."""
+        peers: dict[tuple, list[int]] = defaultdict(list)
+        for r, u in enumerate(self.units):
+            if u.expert is not None and self.tokens[r] > 0:
+                peers[(u.layer, u.role)].append(r)
+        for r, u in enumerate(self.units):
+            ref = peers.get((u.layer, u.role))
+            if u.expert is None or self.tokens[r] > 0 or not ref:
+                continue
+            warnings.warn(f"{u.tensor}: no calibration token was routed to this expert; using the mean error of "
+                          f"the {len(ref)} routed experts of layer {u.layer}", stacklevel=3)
+            for arrays in self.errors.values():
+                arrays[r] = np.mean([arrays[k] / self.units[k].numel for k in ref], axis=0) * u.numel
+
+    def table(self, score: str, meta: dict) -> ErrorTable:
+        offsets = np.cumsum([0] + [len(x) for x in self.errors["fisher"]]).astype(np.int64)
+        scores = {k: np.concatenate(v) for k, v in self.errors.items()}
+        vectors = {k: (np.concatenate(v), np.cumsum([0] + [len(x) for x in v]).astype(np.int64))
+                   for k, v in self.vectors.items()}
+        return ErrorTable([u.tensor for u in self.units], list(self.candidates), self.tokens, scores, offsets, score,
+                          dict(self.stats), vectors, meta)
+
+
+def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidates: list[Candidate],
+                   device: str = "auto", track: Tracker = SILENT, workdir: Optional[str] = None,
+                   seed: int = 0) -> ErrorTable:
+    """Run the calibration pass and return the error table (every score) of every unlocked unit of ``inv``."""
+    lm = LayerwiseModel(ckpt, device)
+    n_seq, seqlen = ids.shape
+    n_pred = seqlen - 1
+    ids = ids.to(lm.device)
+    units = inv.quantized
+    by_layer: dict[Optional[int], list[Unit]] = defaultdict(list)
+    for u in units:
+        by_layer[u.layer].append(u)
+    outer = {u.role: u for u in by_layer.pop(None, [])}  # embedding / lm_head when included
+    res = _Results(units, candidates)
+    timings: dict[str, float] = {}
+    meta: dict = {"config_sha256": ckpt.config_sha256, "index_sha256": ckpt.index_sha256, "formulas": FORMULAS,
+                  "calib_sequences": n_seq, "seqlen": seqlen}
+
+    t0 = time.perf_counter()
+    stores = lm.forward_stores(ids, FORWARD_BATCH, workdir, track)
+    grad = ActivationStore(n_seq, seqlen, lm.hidden_size, workdir)
+    try:
+        timings["forward_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        lims = _layer_lims(stores)
+        meta["lim"] = lims
+
+        def context(w: torch.Tensor, st: GradStats, h, rw, tokens: int, lim: float, zd: float) -> UnitContext:
+            return UnitContext(w=w, candidates=candidates, dws=st.dws, h=h, row_weights=rw, tokens=tokens,
+                               n_seq=n_seq, n_pred=n_pred, fisher=st.fisher / n_seq, grad_mean=st.mean / n_seq,
+                               dots=st.dots, sketch=st.sketch, lim=lim, zd=zd)
+
+        # ---- loss and dL/dh at the top (per sequence) ----------------------------------
+        norm_w, head_w = lm.head_weights()
+        head_unit = outer.get(Role.lm_head) or (outer.get(Role.embedding) if inv.tied_embeddings else None)
+        head_w.requires_grad_(head_unit is not None)
+        head_stats = _grad_stats(head_w.detach(), candidates, n_seq, head_unit) if head_unit is not None else None
+        head_h = torch.zeros(head_w.shape[1], head_w.shape[1], device=lm.device) if head_unit is not None else None
+        losses = []
+        for s in range(n_seq):
+            h = stores[-1].tensor[s:s + 1].to(lm.device).requires_grad_(True)
+            logits = lm.head_logits(h, norm_w, head_w)
+            loss = nn.functional.cross_entropy(logits[0, :-1], ids[s, 1:])
+            loss.backward()
+            grad.tensor[s:s + 1] = h.grad.cpu()
+            if head_stats is not None:
+                head_stats.add(s, head_w.grad)
+                head_w.grad = None
+                xn = lm.head_logits(h.detach(), norm_w, torch.eye(h.shape[-1], device=lm.device))[0]
+                head_h += xn.T @ xn
+            losses.append(float(loss.detach()))
+        meta["calibration_loss"] = float(np.mean(losses))
+
+        # ---- backward, layer by layer ------------------------------------------------
+        bwd = track.task("sensitivity (per layer)", lm.num_layers)
+        pos1 = lm.position_embeddings(seqlen, 1)
+        for i in reversed(range(lm.num_layers)):
+            layer = lm.load_layer(i)
+            layer_units = by_layer.get(i, [])
+            inputs = _Inputs(layer, layer_units)
+            params = dict(layer.named_parameters())
+            for p in params.values():
+                p.requires_grad_(False)
+            stats = {}
+            for u in layer_units:
+                param, name = unit_param(layer, u)
+                param.requires_grad_(True)
+                stats[u.tensor] = (name, _grad_stats(unit_view(layer, u), candidates, n_seq, u))
+            for s in range(n_seq):
+                x = stores[i].tensor[s:s + 1].to(lm.device).requires_grad_(True)
+                y = lm.run_layer(layer, x, pos1)
+                layer.zero_grad(set_to_none=True)
+                y.backward(grad.tensor[s:s + 1].to(lm.device))
+                grad.tensor[s:s + 1] = x.grad.cpu()
+                for u in layer_units:
+                    name, st = stats[u.tensor]
+                    st.add(s, unit_slice(params[name].grad, layer, u))
+            inputs.close()
+            zd = _layer_zd([unit_view(layer, u) for u in layer_units])
+            for u in layer_units:
+                st = stats.pop(u.tensor)[1]
+                res.record(u, context(unit_view(layer, u).detach(), st, inputs.hessian.get(u.tensor), None,
+                                      inputs.tokens[u.tensor], lims[i], zd))
+            del stats, inputs
+            lm.release_layer(i)
+            bwd.advance()
+
+        # ---- embedding / lm_head, when they are counted --------------------------------
+        emb_unit = outer.get(Role.embedding)
+        if emb_unit is not None or head_unit is not None:
+            top_lim = max(lims) if lims else 0.0
+            emb = lm.embedding_weight()
+            emb_stats = _grad_stats(emb, candidates, n_seq, emb_unit) if emb_unit is not None else None
+            if emb_stats is not None:
+                for s in range(n_seq):
+                    emb_stats.add(s, torch.zeros_like(emb).index_add_(0, ids[s], grad.tensor[s].to(lm.device)))
+            counts = torch.bincount(ids.flatten(), minlength=emb.shape[0]).float()
+            n_tok = n_seq * seqlen
+            if inv.tied_embeddings:  # one tensor, two uses: the head's inputs define its H
+                if emb_stats is not None:
+                    head_stats.merge(emb_stats)
+                res.record(head_unit, context(emb, head_stats, head_h, None, n_tok, top_lim, _layer_zd([emb])))
+            else:
+                if emb_stats is not None:
+                    res.record(emb_unit, context(emb, emb_stats, None, counts, n_tok, top_lim, _layer_zd([emb])))
+                if head_stats is not None:
+                    hw = head_w.detach()
+                    res.record(head_unit, context(hw, head_stats, head_h, None, n_tok, top_lim, _layer_zd([hw])))
+        timings["sensitivity_s"] = time.perf_counter() - t0
+        res.fill_unrouted_experts()
+
+        # ---- combined: calibrate the families on a measured sample -------------------
+        t0 = time.perf_counter()
+        unit_errors = res.unit_errors()
+        task = track.task("combined (measured sample)", 2 * combined.SAMPLE_UNITS)
+        runner = TruthRunner(lm, stores, ids, combined.SAMPLE_SEQS)
+        comb, info = combined.calibrate(runner, units, candidates, unit_errors, seed, task.advance)
+        meta["combined"] = info
+        fisher_units = unit_errors["fisher"]
+        for r in range(len(units)):
+            share = res.errors["fisher"][r] / np.where(fisher_units[r] > 0, fisher_units[r], 1.0)
+            if not np.all(fisher_units[r] > 0):
+                share = np.full_like(share, 1.0 / len(share))
+            res.errors["combined"][r] = share * comb[r]
+        timings["combined_s"] = time.perf_counter() - t0
+    finally:
+        for st in stores + [grad]:
+            st.close()
+    meta["timings"] = timings
+    return res.table(DEFAULT_SCORE, meta)
+
+
+def _grad_stats(w: torch.Tensor, candidates: list[Candidate], n_seq: int, unit: Unit) -> GradStats:
+    dws = [rtn_error(w.detach(), c.bits, c.group_size, c.symmetric) for c in candidates]
+    return GradStats(w.detach().float(), dws, n_seq, seed=_stable_seed(unit.tensor))
+
+
+def _stable_seed(name: str) -> int:
+    """A sketch seed per tensor name that does not depend on Python's hash randomisation."""
+    import zlib
+
+    return zlib.crc32(name.encode())
+
+
+def _layer_lims(stores: list[ActivationStore]) -> list[float]:
+    """LIM of every decoder layer from the stored inputs of consecutive layers."""
+    out = []
+    for i in range(len(stores) - 1):
+        total, n = 0.0, 0
+        for s in range(stores[i].tensor.shape[0]):
+            t, k = importance.lim(stores[i].tensor[s], stores[i + 1].tensor[s])
+            total, n = total + t, n + k
+        out.append(total / max(n, 1))
+    return out
+
+
+def _layer_zd(weights: list[torch.Tensor]) -> float:
+    counts = [importance.outlier_share(w) for w in weights]
+    return sum(c for c, _ in counts) / max(1, sum(n for _, n in counts))
