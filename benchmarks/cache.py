@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import bitalloc
+from bitalloc.errors import ScoresError
 from bitalloc.scores import ErrorTable
 
 
@@ -16,7 +17,10 @@ def cached_scores(model: str, calib: str, out_root: str) -> tuple[Path, ErrorTab
     out.mkdir(parents=True, exist_ok=True)
     path = out / "scores.safetensors"
     if path.exists():
-        return out, ErrorTable.load(path), None
+        try:
+            return out, ErrorTable.load(path), None
+        except ScoresError:  # written by an older version: recompute
+            pass
     t0 = time.perf_counter()
     table = bitalloc.compute_scores(model, calib)
     table.save(path)

@@ -43,20 +43,21 @@ def compute_scores(model: str | Path, calib: str | Path, candidates: Sequence[Ca
                    calib_tokens: int = CALIB_TOKENS, seqlen: int = CALIB_SEQLEN, seed: int = 0,
                    include_lm_head: bool = False, include_embeddings: bool = False, device: str = "auto",
                    track: Tracker = SILENT) -> ErrorTable:
-    """One calibration pass: the predicted loss increase of every unit at every candidate."""
+    """One calibration pass: every score family's predicted error of every unit at every candidate."""
     ckpt = Checkpoint(model)
     inv = build_inventory(ckpt, include_lm_head, include_embeddings)
-    return _measure(ckpt, inv, calib, list(candidates), calib_tokens, seqlen, seed, device, track)
+    return _measure(ckpt, inv, calib, list(candidates), calib_tokens, seqlen, seed, device, track, True)
 
 
 def _measure(ckpt: Checkpoint, inv: Inventory, calib: str | Path, candidates: list[Candidate], calib_tokens: int,
-             seqlen: int, seed: int, device: str, track: Tracker) -> ErrorTable:
+             seqlen: int, seed: int, device: str, track: Tracker, with_combined: bool) -> ErrorTable:
     from .model.layerwise import resolve_device
     from .sensitivity import measure_errors
 
     resolve_device(device)  # a bad device fails before tokenizing
     windows = calibration_windows(tokenize(ckpt.path, calib), calib_tokens, seqlen, seed)
-    table = measure_errors(ckpt, inv, windows, candidates, device=device, track=track, seed=seed)
+    table = measure_errors(ckpt, inv, windows, candidates, device=device, track=track, seed=seed,
+                           with_combined=with_combined)
     table.meta["calibration"] = {"file": str(calib), "sha256": file_sha256(calib), "tokens": int(windows.numel()),
                                  "seqlen": seqlen, "seed": seed}
     return table
@@ -119,7 +120,8 @@ def allocate(model: str | Path, budget: str | float, calib: Optional[str | Path]
         if score not in SCORE_NAMES:  # before the long pass
             raise ScoresError(f"unknown score {score!r}; choose one of {', '.join(SCORE_NAMES)}")
         t0 = time.perf_counter()
-        table = _measure(ckpt, inv, calib, candidates, calib_tokens, seqlen, seed, device, track)
+        # the measured sample behind `combined` is only paid for when it is asked for
+        table = _measure(ckpt, inv, calib, candidates, calib_tokens, seqlen, seed, device, track, score == "combined")
         timings["sensitivity_s"] = time.perf_counter() - t0
         if save_scores is not None:
             table.save(save_scores)

@@ -68,7 +68,8 @@ class ErrorTable:
     def using(self, score: str) -> "ErrorTable":
         """The same table with ``score`` as the error the allocator reads."""
         if score not in self.scores:
-            raise ScoresError(f"score file has no score {score!r}; it has {', '.join(sorted(self.scores))}")
+            hint = " (`bitalloc scores` computes every score, `combined` included)" if score == "combined" else ""
+            raise ScoresError(f"score file has no score {score!r}; it has {', '.join(sorted(self.scores))}{hint}")
         return replace(self, score=score)
 
     def unit_errors(self, score: str) -> np.ndarray:

@@ -148,6 +148,20 @@ def heldout_file(tmp_path_factory) -> Path:
     return p
 
 
+@pytest.fixture(scope="session")
+def llama_scores(tiny_llama, calib_file):
+    import bitalloc
+
+    return bitalloc.compute_scores(tiny_llama, calib_file, calib_tokens=512, seqlen=128)
+
+
+@pytest.fixture(scope="session")
+def moe_scores(tiny_moe, calib_file):
+    import bitalloc
+
+    return bitalloc.compute_scores(tiny_moe, calib_file, calib_tokens=512, seqlen=128)
+
+
 def pytest_collection_modifyitems(config, items):
     if DENSE.is_dir():
         return

@@ -9,16 +9,6 @@ from bitalloc.errors import ConstraintError, PlanError
 from bitalloc.plan import Candidate, Plan
 
 
-@pytest.fixture(scope="module")
-def llama_scores(tiny_llama, calib_file):
-    return bitalloc.compute_scores(tiny_llama, calib_file, calib_tokens=512, seqlen=128)
-
-
-@pytest.fixture(scope="module")
-def moe_scores(tiny_moe, calib_file):
-    return bitalloc.compute_scores(tiny_moe, calib_file, calib_tokens=512, seqlen=128)
-
-
 def test_slab_errors_sum_to_tensor_errors(llama_scores):
     t = llama_scores
     for name in t.tensors:

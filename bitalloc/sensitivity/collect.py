@@ -77,61 +77,76 @@ class GradStats:
         self.sketch += other.sketch
 
 
+SAME_INPUT = {Role.attn_q: "attn_in", Role.attn_k: "attn_in", Role.attn_v: "attn_in", Role.mlp_gate: "mlp_in",
+              Role.mlp_up: "mlp_in", Role.shared_gate: "shared_in", Role.shared_up: "shared_in",
+              Role.expert_gate: "expert_in", Role.expert_up: "expert_in"}
+
+
+def input_key(u: Unit) -> str:
+    """Units that read the same input (q/k/v; gate/up, per expert) share one H."""
+    return f"{u.layer}.{SAME_INPUT[u.role]}.{u.expert}" if u.role in SAME_INPUT else u.tensor
+
+
 class _Inputs:
-    """Forward hooks on a materialised layer: H = sum x^T x and token counts per unit (routed for experts)."""
+    """Forward hooks on a materialised layer: H = sum x^T x and token counts per input (routed for experts)."""
 
     def __init__(self, layer: nn.Module, units: list[Unit]):
-        self.hessian: dict[str, torch.Tensor] = {}
-        self.tokens: dict[str, int] = defaultdict(int)
+        self.key = {u.tensor: input_key(u) for u in units}
+        self._h: dict[str, torch.Tensor] = {}
+        self._tokens: dict[str, int] = defaultdict(int)
         self.hooks = []
         params = dict(layer.named_parameters())
-        linear_units: dict[str, list[Unit]] = defaultdict(list)
+        modules: dict[str, str] = {}  # input key -> the one module hooked for it
         expert_units: list[Unit] = []
         for u in units:
             if u.role in EXPERT_ROLES and u.local not in params:
                 expert_units.append(u)
             else:
-                linear_units[u.module.split(f".{u.layer}.", 1)[1]].append(u)
-        for local_module, us in linear_units.items():
-            self.hooks.append(layer.get_submodule(local_module).register_forward_hook(self._linear_hook(us)))
+                modules.setdefault(self.key[u.tensor], u.module.split(f".{u.layer}.", 1)[1])
+        for key, local_module in modules.items():
+            self.hooks.append(layer.get_submodule(local_module).register_forward_hook(self._linear_hook(key)))
         if expert_units:
             experts = layer.get_submodule("mlp.experts")
             self.hooks.append(experts.register_forward_hook(self._experts_hook(experts, expert_units)))
 
-    def add(self, tensor: str, x: torch.Tensor) -> None:
+    def hessian(self, tensor: str) -> Optional[torch.Tensor]:
+        return self._h.get(self.key[tensor])
+
+    def tokens(self, tensor: str) -> int:
+        return self._tokens[self.key[tensor]]
+
+    def add(self, key: str, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         h = x.T @ x
-        if tensor in self.hessian:
-            self.hessian[tensor] += h
+        if key in self._h:
+            self._h[key] += h
         else:
-            self.hessian[tensor] = h
-        self.tokens[tensor] += x.shape[0]
+            self._h[key] = h
+        self._tokens[key] += x.shape[0]
 
-    def _linear_hook(self, units: list[Unit]):
+    def _linear_hook(self, key: str):
         def hook(_mod, inputs, _out):
-            for u in units:
-                self.add(u.tensor, inputs[0])
+            self.add(key, inputs[0])
         return hook
 
     def _experts_hook(self, experts: nn.Module, units: list[Unit]):
         """Routed inputs per expert for transformers' fused experts (hidden, top_k_index, top_k_weights)."""
-        by_expert: dict[int, list[Unit]] = defaultdict(list)
+        by_expert: dict[int, dict[Role, Unit]] = defaultdict(dict)
         for u in units:
-            by_expert[u.expert].append(u)
+            by_expert[u.expert][u.role] = u
 
         def hook(_mod, inputs, _out):
             hidden, index = inputs[0].detach(), inputs[1]
             with torch.no_grad():
-                for e, us in by_expert.items():
+                for e, role in by_expert.items():
                     x = hidden[(index == e).any(-1).nonzero().flatten()]
-                    role = {u.role: u for u in us}
-                    for r in (Role.expert_gate, Role.expert_up):
-                        if r in role:
-                            self.add(role[r].tensor, x)
+                    up_in = role.get(Role.expert_gate) or role.get(Role.expert_up)
+                    if up_in is not None:
+                        self.add(self.key[up_in.tensor], x)
                     if Role.expert_down in role:
                         gate = expert_slice(experts.gate_up_proj.data, experts, Role.expert_gate, e)
                         up = expert_slice(experts.gate_up_proj.data, experts, Role.expert_up, e)
-                        self.add(role[Role.expert_down].tensor, experts.act_fn(x @ gate.T) * (x @ up.T))
+                        self.add(self.key[role[Role.expert_down].tensor], experts.act_fn(x @ gate.T) * (x @ up.T))
         return hook
 
     def close(self) -> None:
@@ -191,8 +206,12 @@ class _Results:
 
 def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidates: list[Candidate],
                    device: str = "auto", track: Tracker = SILENT, workdir: Optional[str] = None,
-                   seed: int = 0) -> ErrorTable:
-    """Run the calibration pass and return the error table (every score) of every unlocked unit of ``inv``."""
+                   seed: int = 0, with_combined: bool = True) -> ErrorTable:
+    """Run the calibration pass and return the error table (every score) of every unlocked unit of ``inv``.
+
+    ``with_combined=False`` skips the measured sample that ``combined`` needs (the table then has
+    every score but that one).
+    """
     lm = LayerwiseModel(ckpt, device)
     n_seq, seqlen = ids.shape
     n_pred = seqlen - 1
@@ -270,8 +289,8 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
             zd = _layer_zd([unit_view(layer, u) for u in layer_units])
             for u in layer_units:
                 st = stats.pop(u.tensor)[1]
-                res.record(u, context(unit_view(layer, u).detach(), st, inputs.hessian.get(u.tensor), None,
-                                      inputs.tokens[u.tensor], lims[i], zd))
+                res.record(u, context(unit_view(layer, u).detach(), st, inputs.hessian(u.tensor), None,
+                                      inputs.tokens(u.tensor), lims[i], zd))
             del stats, inputs
             lm.release_layer(i)
             bwd.advance()
@@ -300,25 +319,33 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
         timings["sensitivity_s"] = time.perf_counter() - t0
         res.fill_unrouted_experts()
 
-        # ---- combined: calibrate the families on a measured sample -------------------
-        t0 = time.perf_counter()
-        unit_errors = res.unit_errors()
-        task = track.task("combined (measured sample)", 2 * combined.SAMPLE_UNITS)
-        runner = TruthRunner(lm, stores, ids, combined.SAMPLE_SEQS)
-        comb, info = combined.calibrate(runner, units, candidates, unit_errors, seed, task.advance)
-        meta["combined"] = info
-        fisher_units = unit_errors["fisher"]
-        for r in range(len(units)):
-            share = res.errors["fisher"][r] / np.where(fisher_units[r] > 0, fisher_units[r], 1.0)
-            if not np.all(fisher_units[r] > 0):
-                share = np.full_like(share, 1.0 / len(share))
-            res.errors["combined"][r] = share * comb[r]
-        timings["combined_s"] = time.perf_counter() - t0
+        if with_combined:
+            t0 = time.perf_counter()
+            meta["combined"] = _add_combined(lm, stores, ids, res, seed, track)
+            timings["combined_s"] = time.perf_counter() - t0
     finally:
         for st in stores + [grad]:
             st.close()
     meta["timings"] = timings
     return res.table(DEFAULT_SCORE, meta)
+
+
+def _add_combined(lm: LayerwiseModel, stores: list[ActivationStore], ids: torch.Tensor, res: _Results, seed: int,
+                  track: Tracker) -> dict:
+    """Fit ``combined`` on a measured sample and add its errors, split over slabs like ``fisher``'s."""
+    unit_errors = res.unit_errors()
+    task = track.task("combined (measured sample)", 2 * combined.SAMPLE_UNITS)
+    runner = TruthRunner(lm, stores, ids, combined.SAMPLE_SEQS)
+    comb, info = combined.calibrate(runner, res.units, res.candidates, unit_errors, seed, task.advance)
+    fisher_units = unit_errors["fisher"]
+    for r in range(len(res.units)):
+        slabs = res.errors["fisher"][r]
+        if np.all(fisher_units[r] > 0):
+            share = slabs / fisher_units[r]
+        else:
+            share = np.full_like(slabs, 1.0 / len(slabs))
+        res.errors["combined"][r] = share * comb[r]
+    return info
 
 
 def _grad_stats(w: torch.Tensor, candidates: list[Candidate], n_seq: int, unit: Unit) -> GradStats:

@@ -25,8 +25,8 @@ from ..model.inventory import Unit
 from ..plan import Candidate
 
 FEATURES = ("fisher", "gradient", "hessian", "spectral", "importance")
-SAMPLE_UNITS = 24
-SAMPLE_SEQS = 16
+SAMPLE_UNITS = 16
+SAMPLE_SEQS = 8
 RIDGE = 1.0
 MIN_SAMPLE = 6
 FORMULA = "exp(b + sum_k w_k log f_k), (b, w) ridge-fitted on measured single-unit loss increases of a unit sample"

@@ -1,0 +1,60 @@
+"""How much memory the calibration pass needs, from the config alone (docs/sensitivity.md).
+
+The pass holds one decoder layer at a time, so its device memory does not grow with depth:
+
+    weights      4 P                    P = parameters of one decoder layer (fp32 copy)
+    gradients    4 Q (3 + C)            Q = quantized parameters of the layer: the weight gradient,
+                                        Fisher and mean accumulators, and C candidate errors dW_c
+    H            4 sum_g in_g^2         one input second moment per distinct input (q/k/v share one,
+                                        gate/up share one; per expert for MoE)
+    head         4 V d (x2 with lm_head counted)
+
+plus the activations of one sequence inside one layer (autograd keeps a few [seqlen, width]
+tensors). Calibration hidden states live in memory-mapped files on disk, (L + 2) n_seq seqlen d
+fp32 values, paged in and out by the OS, so host RAM needs only the working set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PassMemory:
+    weights: int
+    gradients: int
+    hessians: int
+    head: int
+    disk: int
+
+    @property
+    def device(self) -> int:
+        return self.weights + self.gradients + self.hessians + self.head
+
+
+def pass_memory(config: dict, n_seq: int, seqlen: int, n_candidates: int, lm_head: bool = False) -> PassMemory:
+    """Bytes the pass needs for a transformers config dict (dense Llama-like or Qwen3-MoE)."""
+    d = config["hidden_size"]
+    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
+    hd = config.get("head_dim") or d // heads
+    attn = d * hd * (2 * heads + 2 * kv)
+    experts = config.get("num_experts") or config.get("n_routed_experts") or 0
+    if experts:
+        inter = config["moe_intermediate_size"]
+        mlp = experts * 3 * d * inter
+        inputs = experts * (d * d + inter * inter)
+        router = experts * d
+    else:
+        inter = config["intermediate_size"]
+        mlp, inputs, router = 3 * d * inter, d * d + inter * inter, 0
+    quantized = attn + mlp
+    params = quantized + router + 2 * d
+    if config.get("model_type", "").startswith("qwen3"):
+        params += 2 * hd  # q_norm, k_norm
+    if config.get("attention_bias", config.get("model_type") == "qwen2"):
+        params += hd * (heads + 2 * kv)  # q/k/v biases
+    inputs += d * d + heads * hd * heads * hd  # q/k/v input and o_proj input
+    vocab = config["vocab_size"]
+    layers = config["num_hidden_layers"]
+    return PassMemory(weights=4 * params, gradients=4 * quantized * (3 + n_candidates), hessians=4 * inputs,
+                      head=4 * vocab * d * (2 if lm_head else 1), disk=4 * (layers + 2) * n_seq * seqlen * d)
