@@ -4,8 +4,9 @@
     python benchmarks/gpu_check.py MODEL_DIR CALIB HELDOUT [TOKENS]
 
 Builds the demo model (examples/build_demo_model.py) if needed, then runs the sensitivity pass and
-the evaluation on CPU and on CUDA and prints one JSON line with the largest relative differences and
-the timings.
+the evaluation on CPU and on CUDA and prints one JSON line with the largest relative differences
+(every score but ``combined``, whose fit may differ in the last digits), the timings per phase, the
+peak GPU memory of the pass and the per-layer memory formula (``sensitivity.memory``) beside it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from bitalloc.model.checkpoint import Checkpoint
 from bitalloc.model.inventory import build_inventory
 from bitalloc.plan import DEFAULT_CANDIDATES
 from bitalloc.sensitivity import measure_errors
+from bitalloc.sensitivity.memory import pass_memory
 
 
 def main() -> None:
@@ -43,16 +45,23 @@ def main() -> None:
               "torch": torch.__version__}
     tables, ppl = {}, {}
     for dev in ("cpu", "cuda"):
+        torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         tables[dev] = measure_errors(ckpt, inv, ids, list(DEFAULT_CANDIDATES), device=dev)
         if dev == "cuda":
             torch.cuda.synchronize()
+            result["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         result[f"sensitivity_s_{dev}"] = round(time.perf_counter() - t0, 2)
+        result[f"phases_{dev}"] = {k: round(v, 2) for k, v in tables[dev].meta["timings"].items()}
         t0 = time.perf_counter()
         ppl[dev] = perplexity(ckpt, heldout, bits=3, device=dev).perplexity
         result[f"eval_s_{dev}"] = round(time.perf_counter() - t0, 2)
-    a, b = tables["cpu"].errors, tables["cuda"].errors
-    result["max_rel_diff_errors"] = float(np.max(np.abs(a - b) / np.maximum(np.abs(a), 1e-12)))
+    est = pass_memory(json.loads((Path(model) / "config.json").read_text()), *ids.shape, len(DEFAULT_CANDIDATES))
+    result["formula_device_mib"] = round(est.device / 2**20, 1)
+    for name in tables["cpu"].scores:
+        if name != "combined":
+            a, b = tables["cpu"].unit_errors(name), tables["cuda"].unit_errors(name)
+            result[f"max_rel_diff_{name}"] = float(np.max(np.abs(a - b) / np.maximum(np.abs(a), 1e-12)))
     result["ppl_cpu"], result["ppl_cuda"] = ppl["cpu"], ppl["cuda"]
     result["tokens_per_s_cuda"] = round(ids.numel() / result["sensitivity_s_cuda"], 1)
     print(json.dumps(result))
