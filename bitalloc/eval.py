@@ -96,7 +96,7 @@ def perplexity(ckpt: Checkpoint, text: str, plan: Optional[Plan] = None, bits: O
             lm.run_layer_batched(layer, h, h, EVAL_BATCH)
             lm.release_layer(i)
             task.advance()
-        total, n_pred = lm.total_loss(h, ids, norm_w, head_w, EVAL_BATCH)
+        total, n_pred = lm.total_loss(h, ids, norm_w, head_w)
         task.advance()
     loss = total / n_pred
     return EvalResult(math.exp(loss), loss, int(ids.numel()), time.perf_counter() - t0, label)

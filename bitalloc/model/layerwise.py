@@ -150,15 +150,18 @@ class LayerwiseModel:
                 out = self.run_layer(layer, src[b].to(self.device), (pos[0][:n], pos[1][:n]))
                 dst[b] = out.to(dst.device)
 
-    def total_loss(self, h: torch.Tensor, ids: torch.Tensor, norm_w: torch.Tensor, head_w: torch.Tensor,
-                   batch: int) -> tuple[float, int]:
-        """(sum of next-token cross-entropies, number of predicted tokens) over all sequences."""
+    def total_loss(self, h: torch.Tensor, ids: torch.Tensor, norm_w: torch.Tensor,
+                   head_w: torch.Tensor) -> tuple[float, int]:
+        """(sum of next-token cross-entropies, number of predicted tokens) over all sequences.
+
+        One sequence at a time: the logits of a batch (batch x seqlen x vocab floats, and as much
+        again for the softmax) would otherwise be the largest allocation of the whole pipeline.
+        """
         total = 0.0
         with torch.no_grad():
-            for b in iter_batches(len(ids), batch):
-                logits = self.head_logits(h[b].to(self.device), norm_w, head_w)
-                total += float(nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                           ids[b, 1:].reshape(-1), reduction="sum"))
+            for s in range(len(ids)):
+                logits = self.head_logits(h[s].to(self.device), norm_w, head_w)
+                total += float(nn.functional.cross_entropy(logits[:-1], ids[s, 1:], reduction="sum"))
         return total, ids.shape[0] * (ids.shape[1] - 1)
 
     def forward_stores(self, ids: torch.Tensor, batch: int, workdir: Optional[str] = None,

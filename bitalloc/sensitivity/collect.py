@@ -42,8 +42,10 @@ FORWARD_BATCH = 8  # sequences per forward call; bounds activation memory inside
 
 
 def slab_sums_torch(per_col: torch.Tensor) -> torch.Tensor:
-    n = -(-per_col.shape[0] // SLAB_WIDTH)
-    return nn.functional.pad(per_col, (0, n * SLAB_WIDTH - per_col.shape[0])).view(n, SLAB_WIDTH).sum(1)
+    """[..., in] -> [..., S]: sums over SLAB_WIDTH-column slabs of the last axis."""
+    n = -(-per_col.shape[-1] // SLAB_WIDTH)
+    padded = nn.functional.pad(per_col, (0, n * SLAB_WIDTH - per_col.shape[-1]))
+    return padded.view(*per_col.shape[:-1], n, SLAB_WIDTH).sum(-1)
 
 
 class GradStats:
@@ -54,6 +56,7 @@ class GradStats:
 
     def __init__(self, w: torch.Tensor, dws: list[torch.Tensor], n_seq: int, seed: int):
         self.dws = dws
+        self._stacked = torch.stack(dws)  # [C, out, in]: one product per sequence for all candidates
         self.fisher = torch.zeros_like(w)
         self.mean = torch.zeros_like(w)
         self.dots = torch.zeros(n_seq, len(dws), -(-w.shape[1] // SLAB_WIDTH), device=w.device)
@@ -64,8 +67,7 @@ class GradStats:
         g = g.float()
         self.fisher += g.pow(2)
         self.mean += g
-        for c, dw in enumerate(self.dws):
-            self.dots[s, c] = slab_sums_torch((g * dw).sum(0))
+        self.dots[s] = slab_sums_torch((self._stacked * g).sum(1))
         self.sketch[s] = self.sketch_fn(g)
 
     def merge(self, other: "GradStats") -> None:

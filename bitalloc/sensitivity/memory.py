@@ -8,6 +8,8 @@ The pass holds one decoder layer at a time, so its device memory does not grow w
     H            4 sum_g in_g^2         one input second moment per distinct input (q/k/v share one,
                                         gate/up share one; per expert for MoE)
     head         4 V d (x2 with lm_head counted)
+    logits       8 seqlen V             one sequence's logits and their softmax (the loss is taken one
+                                        sequence at a time)
 
 plus the activations of one sequence inside one layer (autograd keeps a few [seqlen, width]
 tensors). Calibration hidden states live in memory-mapped files on disk, (L + 2) n_seq seqlen d
@@ -25,11 +27,12 @@ class PassMemory:
     gradients: int
     hessians: int
     head: int
+    logits: int
     disk: int
 
     @property
     def device(self) -> int:
-        return self.weights + self.gradients + self.hessians + self.head
+        return self.weights + self.gradients + self.hessians + self.head + self.logits
 
 
 def pass_memory(config: dict, n_seq: int, seqlen: int, n_candidates: int, lm_head: bool = False) -> PassMemory:
@@ -57,4 +60,4 @@ def pass_memory(config: dict, n_seq: int, seqlen: int, n_candidates: int, lm_hea
     vocab = config["vocab_size"]
     layers = config["num_hidden_layers"]
     return PassMemory(weights=4 * params, gradients=4 * quantized * (3 + n_candidates), hessians=4 * inputs,
-                      head=4 * vocab * d * (2 if lm_head else 1), disk=4 * (layers + 2) * n_seq * seqlen * d)
+                      head=4 * vocab * d * (2 if lm_head else 1), logits=8 * seqlen * vocab, disk=4 * (layers + 2) * n_seq * seqlen * d)

@@ -33,7 +33,7 @@ class TruthRunner:
         self.lm, self.ids = lm, ids[:n_seq]
         self.inputs = [st.tensor[:n_seq] for st in stores]
         self.norm_w, self.head_w = lm.head_weights()
-        total, self.n = lm.total_loss(self.inputs[-1], self.ids, self.norm_w, self.head_w, BATCH)
+        total, self.n = lm.total_loss(self.inputs[-1], self.ids, self.norm_w, self.head_w)
         self.base = total / self.n
         self.work = torch.empty_like(self.inputs[0])
 
@@ -47,7 +47,7 @@ class TruthRunner:
         for k in range(i + 1, lm.num_layers):
             lm.run_layer_batched(lm.load_layer(k), self.work, self.work, BATCH)
             lm.release_layer(k)
-        return lm.total_loss(self.work, self.ids, self.norm_w, self.head_w, BATCH)[0] / self.n - self.base
+        return lm.total_loss(self.work, self.ids, self.norm_w, self.head_w)[0] / self.n - self.base
 
 
 def measure_truth(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidates: list[Candidate],
