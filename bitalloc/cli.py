@@ -50,7 +50,7 @@ def _parse_candidates(text: str):
 
 
 _SOLVER_HELP = "auto (exact; Lagrangian beyond 2e5 groups) | ilp | lagrangian | closed-form | greedy."
-_SCORE_HELP = ("Predictor the solver minimises: fisher (default) | gradient | hessian | hessian_diag | baq | spectral | "
+_SCORE_HELP = ("Predictor the solver minimises: gradient (default) | fisher | hessian | hessian_diag | baq | spectral | "
                "importance | combined (docs/sensitivity.md).")
 _GRANULARITY_HELP = "tensor (default) | expert (one width per MoE expert) | slab (per 128 input columns)."
 _PIN_HELP = "Fix tensors matching REGEX (re.search on the tensor name): 'REGEX=BITS' or 'REGEX=BITSgGROUP'. Repeatable."

@@ -23,7 +23,7 @@ SCORES_VERSION = 2
 
 
 SLAB_WIDTH = 128  # input columns per slab: the unit of --granularity slab, and the default group size
-DEFAULT_SCORE = "fisher"  # the best measured predictor on the validation models (docs/sensitivity.md)
+DEFAULT_SCORE = "gradient"  # the best measured predictor on the validation models (docs/sensitivity.md)
 
 
 @dataclass

@@ -51,7 +51,7 @@ def test_allocate_eval_end_to_end(tiny_llama, calib_file, heldout_file, tmp_path
                 "-o", tmp_path / "p5.json", "-q")
     assert other.exit_code == 0, other.output
     assert Plan.load(tmp_path / "p5.json").scores.predictor == "hessian"
-    assert Plan.load(plan_path).scores.predictor == "fisher"
+    assert Plan.load(plan_path).scores.predictor == "gradient"  # the default
     bad = run("allocate", tiny_llama, "--budget", "2.5", "--scores", score_path, "--score", "nope", "-o",
               tmp_path / "p6.json", "-q")
     assert bad.exit_code == 2 and "no score 'nope'" in bad.output
@@ -208,7 +208,7 @@ def test_include_lm_head_on_tied_model(tiny_llama, calib_file, heldout_file, tmp
             "--include-lm-head", "-o", out, "-q")
     assert r.exit_code == 0, r.output
     emb = Plan.load(out).entry_map()["model.embed_tokens.weight"]
-    assert not emb.locked and emb.predicted_error["b2g128"] > emb.predicted_error["b8g128"] > 0
+    assert not emb.locked and emb.predicted_error["b2g128"] > emb.predicted_error["b8g128"] >= 0
     r2 = run("eval", tiny_llama, "--plan", out, "--text", heldout_file, "--tokens", 256, "--seqlen", 128, "-q")
     assert r2.exit_code == 0, r2.output
 

@@ -60,42 +60,51 @@ def test_layerwise_eval_matches_transformers(name, heldout_file, request):
     assert r.loss == pytest.approx(_reference_loss(path, ids), rel=1e-5)
 
 
-def _reference_fisher_errors(path, ids, units, inter):
-    """e(c) = (T-1)/2 * sum F dW^2 with F from per-sequence autograd on the whole model."""
+def _reference_errors(path, ids, units, inter):
+    """fisher and gradient (Taylor) scores from per-sequence autograd on the whole model.
+
+    fisher(c) = (T-1)/2 * sum F dW^2; gradient(c) = gbar.dW + (T-1)/2 * mean_s (g_s.dW)^2.
+    """
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     params = dict(model.named_parameters())
-    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    grads = {n: [] for n in params}
     for s in range(ids.shape[0]):
         model.zero_grad()
         logits = model(ids[s:s + 1]).logits
         torch.nn.functional.cross_entropy(logits[0, :-1], ids[s, 1:]).backward()
         for n, p in params.items():
-            fisher[n] += p.grad.pow(2) / ids.shape[0]
-    out = {}
+            grads[n].append(p.grad.clone())
+    n_pred = ids.shape[1] - 1
+    fisher, taylor = {}, {}
     for u in units:
         if u.expert is None:
-            w, f = params[u.tensor], fisher[u.tensor]
+            w, g = params[u.tensor], torch.stack(grads[u.tensor])
         else:  # transformers holds experts fused: gate_up [E, 2I, H], down [E, H, I]
             base = u.tensor.split(".experts.")[0] + ".experts."
             key = base + ("down_proj" if u.role == Role.expert_down else "gate_up_proj")
             sl = {Role.expert_gate: slice(0, inter), Role.expert_up: slice(inter, 2 * inter),
                   Role.expert_down: slice(None)}[u.role]
-            w, f = params[key][u.expert, sl], fisher[key][u.expert, sl]
-        out[u.tensor] = [0.5 * (ids.shape[1] - 1) * float((f * rtn_error(w.detach(), c.bits, c.group_size).pow(2)).sum())
-                         for c in DEFAULT_CANDIDATES]
-    return out
+            w, g = params[key][u.expert, sl], torch.stack(grads[key])[:, u.expert, sl]
+        dws = [rtn_error(w.detach(), c.bits, c.group_size) for c in DEFAULT_CANDIDATES]
+        fisher[u.tensor] = [0.5 * n_pred * float((g.pow(2).mean(0) * dw.pow(2)).sum()) for dw in dws]
+        taylor[u.tensor] = [max(0.0, float((g.mean(0) * dw).sum()) + 0.5 * n_pred * float(
+            (g * dw).sum((1, 2)).double().pow(2).mean())) for dw in dws]
+    return fisher, taylor
 
 
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_moe_fused"])
-def test_layerwise_fisher_matches_full_model_autograd(name, calib_file, request):
+def test_layerwise_gradient_scores_match_full_model_autograd(name, calib_file, request):
     path = request.getfixturevalue(name)
     ckpt = Checkpoint(path)
     inv = build_inventory(ckpt)
     ids = calibration_windows(tokenize(path, calib_file), 4 * 64, 64, seed=0)
     table = measure_errors(ckpt, inv, ids, list(DEFAULT_CANDIDATES))
-    ref = _reference_fisher_errors(path, ids, inv.quantized, ckpt.config.get("moe_intermediate_size", 0))
+    fisher, taylor = _reference_errors(path, ids, inv.quantized, ckpt.config.get("moe_intermediate_size", 0))
     for u in inv.quantized:
-        np.testing.assert_allclose(table.errors[table.row(u.tensor)], ref[u.tensor], rtol=2e-3, atol=1e-12,
+        r = table.row(u.tensor)
+        np.testing.assert_allclose(table.unit_errors("fisher")[r], fisher[u.tensor], rtol=2e-3, atol=1e-12,
+                                   err_msg=u.tensor)
+        np.testing.assert_allclose(table.unit_errors("gradient")[r], taylor[u.tensor], rtol=1e-2, atol=1e-9,
                                    err_msg=u.tensor)
     assert math.isfinite(table.meta["calibration_loss"])
     experts = [r for r, t in enumerate(table.tensors) if ".experts." in t]
@@ -111,7 +120,7 @@ def test_local_error_is_frobenius_error_for_identity_inputs(tiny_llama, calib_fi
     dense = [r for r, t in enumerate(table.tensors) if "self_attn" in t]
     assert all(table.tokens[r] == ids.numel() for r in dense)
     assert np.all(np.diff(table.unit_errors("hessian")[dense], axis=1) < 0)  # more bits, less local error
-    assert np.all(np.diff(table.errors, axis=1) <= 0)
+    assert np.all(np.diff(table.unit_errors("fisher"), axis=1) <= 0)
 
 
 def test_at_most_one_decoder_layer_is_materialised(tiny_moe, calib_file, heldout_file, monkeypatch):

@@ -183,7 +183,7 @@ def test_table_holds_every_score_and_combined_metadata(llama_scores):
     t = llama_scores
     assert set(t.scores) >= {"fisher", "gradient", "hessian", "hessian_diag", "baq", "spectral", "importance",
                              "combined"}
-    assert t.score == "fisher" and set(t.meta["formulas"]) == set(t.scores)
+    assert t.score == "gradient" and set(t.meta["formulas"]) == set(t.scores)
     info = t.meta["combined"]
     assert info["sample_points"] >= combined.MIN_SAMPLE and set(info["weights"]) == set(combined.FEATURES)
     assert (t.unit_errors("combined") > 0).all()
