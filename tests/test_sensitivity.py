@@ -79,10 +79,10 @@ def test_rank_one_weight_has_all_spectral_energy_at_k1():
     assert out.stats["spectral_w_eff_rank"] == pytest.approx(1.0, abs=1e-6)
     assert out.stats["spectral_act_eff_rank"] == pytest.approx(1.0, abs=1e-6)
     e = out.vectors["rank_slab_energy"]
-    assert e.sum() == pytest.approx(float(w.double().pow(2).sum()), rel=1e-9)  # H / T = I
+    assert e.sum() == pytest.approx(float(w.double().pow(2).sum()), rel=1e-5)  # H / T = I (up to the damping)
     # the error: energy x relative noise
     dw = rtn_error(w, CANDS[0].bits, CANDS[0].group_size)
-    assert out.errors["spectral"][:, 0].sum() == pytest.approx(float(dw.double().pow(2).sum()), rel=1e-6)
+    assert out.errors["spectral"][:, 0].sum() == pytest.approx(float(dw.double().pow(2).sum()), rel=1e-5)
 
 
 def test_effective_rank_of_a_flat_spectrum_is_its_length():

@@ -42,11 +42,10 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int,
                 group = torch.cat([wb[:, i:], w[:, b:]], dim=1)[:, :group_size]
                 scale, zero = rtn_params(group, bits, symmetric)
             q = rtn_round(wb[:, i:i + 1], scale, zero, bits)[:, 0]
-            d = u[j, j]
-            losses[j] = 0.5 * (wb[:, i] - q).pow(2).sum() / d**2
-            err = (wb[:, i] - q) / d
+            err = (wb[:, i] - q) / u[j, j]
             wb[:, i:] -= err[:, None] * u[j, j:b][None]
             errb[:, i] = err
             q_all[:, j] = q
+        losses[a:b] = 0.5 * errb.pow(2).sum(0)  # L_j = 1/2 ||w_j - q_j||^2 / U_jj^2
         w[:, b:] -= errb @ u[a:b, b:]
     return q_all, losses

@@ -166,12 +166,15 @@ class _Results:
         self.stats: dict[str, np.ndarray] = defaultdict(lambda: np.full(len(units), np.nan))
         self.vectors: dict[str, list[np.ndarray]] = defaultdict(lambda: [np.zeros(0)] * len(units))
         self.tokens = np.zeros(len(units), dtype=np.int64)
+        self.seconds: dict[str, float] = defaultdict(float)  # per family, reported in the table's timings
 
     def record(self, unit: Unit, ctx: UnitContext) -> None:
         r = self.rows[unit.tensor]
         self.tokens[r] = ctx.tokens
-        for fam in FAMILIES.values():
+        for name, fam in FAMILIES.items():
+            t0 = time.perf_counter()
             out = fam.predict(ctx)
+            self.seconds[name] += time.perf_counter() - t0
             for k, v in out.errors.items():
                 self.errors[k][r] = v
             for k, v in out.stats.items():
@@ -328,6 +331,7 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
     finally:
         for st in stores + [grad]:
             st.close()
+    timings.update({f"family_{k}_s": v for k, v in res.seconds.items()})
     meta["timings"] = timings
     return res.table(DEFAULT_SCORE, meta)
 

@@ -24,6 +24,7 @@ from .base import FamilyOutput, UnitContext, scaled_noise, spectrum_stats
 PREDICTORS = {"spectral": "E * ||dW||^2 / ||W||^2, E = sum of squared singular values of W H^(1/2) / sqrt(T)"}
 TOP_FRACTION = 0.125
 RANK_SLAB = 64  # singular values per spectral unit (BitsMoE regroups ranks in slabs of 64)
+DAMP = 1e-6  # relative diagonal damping of H before its Cholesky factorisation
 
 
 def singular_energies(m: torch.Tensor) -> np.ndarray:
@@ -37,23 +38,32 @@ def top_k(rank: int) -> int:
     return max(1, int(np.ceil(TOP_FRACTION * rank)))
 
 
-def activation_weighted(ctx: UnitContext) -> torch.Tensor:
-    """W H^(1/2) / sqrt(T) (rows scaled by sqrt(lookup share) for an embedding), in float64.
+def activation_energies(ctx: UnitContext) -> np.ndarray:
+    """Squared singular values of W H^(1/2) / sqrt(T), from one eigenvalue problem of size min(out, in).
 
-    H^(1/2) comes from an eigendecomposition with negative round-off eigenvalues clipped, so
-    rank-deficient H (an expert that saw few tokens) is fine.
+    out <= in: eigenvalues of W (H / T) W^T. Otherwise of L^T W^T W L with L L^T = H / T (Cholesky,
+    damped by DAMP of the mean diagonal; an eigendecomposition of H if even that fails). An
+    embedding uses its rows scaled by sqrt(lookup share).
     """
+    w = ctx.w.double()
     if ctx.h is None:
-        return ctx.w.double() * (ctx.row_weights.double() / ctx.tokens).sqrt()[:, None]
-    evals, evecs = torch.linalg.eigh(ctx.h.double() / ctx.tokens)
-    return ctx.w.double() @ (evecs * evals.clamp_min(0).sqrt())
+        return singular_energies(w * (ctx.row_weights.double() / ctx.tokens).sqrt()[:, None])
+    h = ctx.h.double() / ctx.tokens
+    if w.shape[0] <= w.shape[1]:
+        return np.clip(torch.linalg.eigvalsh(w @ h @ w.T).flip(0).cpu().numpy(), 0, None)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    factor, info = torch.linalg.cholesky_ex(h + DAMP * h.diagonal().mean().clamp_min(1e-30) * eye)
+    if int(info) != 0:
+        evals, evecs = torch.linalg.eigh(h)
+        factor = evecs * evals.clamp_min(0).sqrt()
+    return singular_energies(w @ factor)
 
 
 def predict(ctx: UnitContext) -> FamilyOutput:
     stats = spectrum_stats(singular_energies(ctx.w), "spectral_w", top_k(min(ctx.w.shape)))
     if ctx.tokens == 0:
         return FamilyOutput({"spectral": np.zeros((ctx.n_slabs, len(ctx.candidates)))}, stats)
-    sq = singular_energies(activation_weighted(ctx))
+    sq = activation_energies(ctx)
     stats.update(spectrum_stats(sq, "spectral_act", top_k(len(sq))))
     n = -(-len(sq) // RANK_SLAB)
     slabs = np.pad(sq, (0, n * RANK_SLAB - len(sq))).reshape(n, RANK_SLAB).sum(1)
