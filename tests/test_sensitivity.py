@@ -230,3 +230,18 @@ def test_memory_formula_and_one_layer_on_a_deep_synthetic_checkpoint(tmp_path, c
     assert sum(store_bytes) == est.disk  # L + 1 layer inputs and one gradient store
     per_layer = sum(grad_bytes) // 16
     assert per_layer == est.gradients
+
+
+def test_a_small_statistics_budget_gives_the_same_table_with_more_sweeps(tiny_moe, calib_file, monkeypatch):
+    """Units split into groups (one backward sweep each) under a tight budget: identical scores."""
+    ckpt = Checkpoint(tiny_moe)
+    inv = build_inventory(ckpt)
+    ids = calibration_windows(tokenize(tiny_moe, calib_file), 2 * 64, 64, seed=0)
+    one = collect.measure_errors(ckpt, inv, ids, list(DEFAULT_CANDIDATES), with_combined=False)
+    budget = 4 * max(u.numel for u in inv.quantized) * (3 + len(DEFAULT_CANDIDATES))
+    layer0 = [u for u in inv.quantized if u.layer == 0]
+    assert len(collect.stat_groups(layer0, len(DEFAULT_CANDIDATES), budget)) > 3
+    split = collect.measure_errors(ckpt, inv, ids, list(DEFAULT_CANDIDATES), with_combined=False,
+                                   stats_budget=budget)
+    for name in one.scores:
+        np.testing.assert_allclose(split.scores[name], one.scores[name], rtol=1e-5, atol=1e-12, err_msg=name)

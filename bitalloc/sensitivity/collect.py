@@ -39,6 +39,7 @@ FAMILIES = {"hessian": hessian, "spectral": spectral, "importance": importance, 
 FORMULAS = {name: formula for fam in FAMILIES.values() for name, formula in fam.PREDICTORS.items()}
 FORMULAS["combined"] = combined.FORMULA
 FORWARD_BATCH = 8  # sequences per forward call; bounds activation memory inside a layer
+STATS_BUDGET = 16 * 2**30  # bytes of per-unit gradient statistics held at once (see stat_groups)
 
 
 def slab_sums_torch(per_col: torch.Tensor) -> torch.Tensor:
@@ -211,11 +212,12 @@ class _Results:
 
 def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidates: list[Candidate],
                    device: str = "auto", track: Tracker = SILENT, workdir: Optional[str] = None,
-                   seed: int = 0, with_combined: bool = True) -> ErrorTable:
+                   seed: int = 0, with_combined: bool = True, stats_budget: int = STATS_BUDGET) -> ErrorTable:
     """Run the calibration pass and return the error table (every score) of every unlocked unit of ``inv``.
 
     ``with_combined=False`` skips the measured sample that ``combined`` needs (the table then has
-    every score but that one).
+    every score but that one). ``stats_budget`` caps the bytes of gradient statistics held at once
+    (see :func:`stat_groups`).
     """
     lm = LayerwiseModel(ckpt, device)
     n_seq, seqlen = ids.shape
@@ -274,29 +276,34 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
             layer_units = by_layer.get(i, [])
             inputs = _Inputs(layer, layer_units)
             params = dict(layer.named_parameters())
-            for p in params.values():
-                p.requires_grad_(False)
-            stats = {}
-            for u in layer_units:
-                param, name = unit_param(layer, u)
-                param.requires_grad_(True)
-                stats[u.tensor] = (name, _grad_stats(unit_view(layer, u), candidates, n_seq, u))
-            for s in range(n_seq):
-                x = stores[i].tensor[s:s + 1].to(lm.device).requires_grad_(True)
-                y = lm.run_layer(layer, x, pos1)
-                layer.zero_grad(set_to_none=True)
-                y.backward(grad.tensor[s:s + 1].to(lm.device))
-                grad.tensor[s:s + 1] = x.grad.cpu()
-                for u in layer_units:
-                    name, st = stats[u.tensor]
-                    st.add(s, unit_slice(params[name].grad, layer, u))
-            inputs.close()
             zd = _layer_zd([unit_view(layer, u) for u in layer_units])
-            for u in layer_units:
-                st = stats.pop(u.tensor)[1]
-                res.record(u, context(unit_view(layer, u).detach(), st, inputs.hessian(u.tensor), None,
-                                      inputs.tokens(u.tensor), lims[i], zd))
-            del stats, inputs
+            groups = stat_groups(layer_units, len(candidates), stats_budget)
+            for k, group in enumerate(groups):
+                last = k == len(groups) - 1  # the sweep that also passes dL/dh to the layer below
+                for p in params.values():
+                    p.requires_grad_(False)
+                stats = {}
+                for u in group:
+                    param, name = unit_param(layer, u)
+                    param.requires_grad_(True)
+                    stats[u.tensor] = (name, _grad_stats(unit_view(layer, u), candidates, n_seq, u))
+                for s in range(n_seq):
+                    x = stores[i].tensor[s:s + 1].to(lm.device).requires_grad_(last)
+                    y = lm.run_layer(layer, x, pos1)
+                    layer.zero_grad(set_to_none=True)
+                    y.backward(grad.tensor[s:s + 1].to(lm.device))
+                    if last:
+                        grad.tensor[s:s + 1] = x.grad.cpu()
+                    for u in group:
+                        name, st = stats[u.tensor]
+                        st.add(s, unit_slice(params[name].grad, layer, u))
+                inputs.close()  # H is complete after the first sweep
+                for u in group:
+                    st = stats.pop(u.tensor)[1]
+                    res.record(u, context(unit_view(layer, u).detach(), st, inputs.hessian(u.tensor), None,
+                                          inputs.tokens(u.tensor), lims[i], zd))
+                del stats
+            del inputs
             lm.release_layer(i)
             bwd.advance()
 
@@ -352,6 +359,27 @@ def _add_combined(lm: LayerwiseModel, stores: list[ActivationStore], ids: torch.
             share = np.full_like(slabs, 1.0 / len(slabs))
         res.errors["combined"][r] = share * comb[r]
     return info
+
+
+def stat_groups(units: list[Unit], n_candidates: int, budget: int) -> list[list[Unit]]:
+    """Split a layer's units so that each group's gradient statistics fit in ``budget`` bytes.
+
+    A unit holds 4 * numel * (3 + C) bytes while its layer is swept (``GradStats`` plus the weight
+    gradient). Each group costs one backward sweep of the layer over all sequences, so a wide MoE
+    layer (hundreds of experts) trades time for a bounded footprint; a unit larger than the budget
+    gets a group of its own. Always at least one group (possibly empty: the sweep that carries
+    dL/dh down).
+    """
+    groups: list[list[Unit]] = [[]]
+    used = 0
+    for u in units:
+        need = 4 * u.numel * (3 + n_candidates)
+        if groups[-1] and used + need > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(u)
+        used += need
+    return groups
 
 
 def _grad_stats(w: torch.Tensor, candidates: list[Candidate], n_seq: int, unit: Unit) -> GradStats:

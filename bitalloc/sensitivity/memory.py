@@ -4,7 +4,9 @@ The pass holds one decoder layer at a time, so its device memory does not grow w
 
     weights      4 P                    P = parameters of one decoder layer (fp32 copy)
     gradients    4 Q (3 + C)            Q = quantized parameters of the layer: the weight gradient,
-                                        Fisher and mean accumulators, and C candidate errors dW_c
+                                        Fisher and mean accumulators, and C candidate errors dW_c;
+                                        capped at collect.STATS_BUDGET by sweeping the layer's
+                                        backward once per group of units (``collect.stat_groups``)
     H            4 sum_g in_g^2         one input second moment per distinct input (q/k/v share one,
                                         gate/up share one; per expert for MoE)
     head         4 V d (x2 with lm_head counted)
@@ -36,7 +38,11 @@ class PassMemory:
 
 
 def pass_memory(config: dict, n_seq: int, seqlen: int, n_candidates: int, lm_head: bool = False) -> PassMemory:
-    """Bytes the pass needs for a transformers config dict (dense Llama-like or Qwen3-MoE)."""
+    """Bytes the pass needs for a transformers config dict (dense Llama-like or Qwen3-MoE).
+
+    ``gradients`` is the uncapped figure; :func:`sweeps` says how many backward sweeps per layer a
+    statistics budget turns it into.
+    """
     d = config["hidden_size"]
     heads, kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
     hd = config.get("head_dim") or d // heads
@@ -61,3 +67,8 @@ def pass_memory(config: dict, n_seq: int, seqlen: int, n_candidates: int, lm_hea
     layers = config["num_hidden_layers"]
     return PassMemory(weights=4 * params, gradients=4 * quantized * (3 + n_candidates), hessians=4 * inputs,
                       head=4 * vocab * d * (2 if lm_head else 1), logits=8 * seqlen * vocab, disk=4 * (layers + 2) * n_seq * seqlen * d)
+
+
+def sweeps(mem: PassMemory, budget: int) -> int:
+    """Backward sweeps per layer when gradient statistics are capped at ``budget`` bytes (about)."""
+    return max(1, -(-mem.gradients // budget))
