@@ -229,7 +229,10 @@ def scores_cmd(
                                include_lm_head, include_embeddings, device, track)
     table.save(output)
     if not quiet:
-        typer.echo(f"wrote {output}: {len(table.tensors)} tensors x {len(table.candidates)} candidates")
+        typer.echo(f"wrote {output}: {len(table.tensors)} tensors x {len(table.candidates)} candidates; "
+                   f"scores {', '.join(sorted(table.scores))} (default {table.score})")
+        times = ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in table.meta.get("timings", {}).items())
+        typer.echo(f"timings: {times}")
 
 
 @app.command("show")

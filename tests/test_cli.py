@@ -278,3 +278,24 @@ def test_frontier_writes_plans_csv_and_plot(tiny_llama, scores, heldout_file, tm
         assert float(r["achieved_bpp"]) <= float(r["target_bpp"])
         assert Plan.load(out / r["plan"]).solver.status == "optimal"
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_scores_command_reports_every_score_and_combined_resolves(tiny_llama, calib_file, scores, tmp_path):
+    out = tmp_path / "s.safetensors"
+    r = run("scores", tiny_llama, "--calib", calib_file, "-o", out, "--calib-tokens", 512, "--seqlen", 128)
+    assert r.exit_code == 0, r.output
+    assert "combined" in r.output and "(default gradient)" in r.output and "timings: forward" in r.output
+    plan = tmp_path / "p.json"
+    r = run("allocate", tiny_llama, "--budget", "3.0", "--scores", scores, "--score", "combined", "-o", plan, "-q")
+    assert r.exit_code == 0, r.output
+    assert Plan.load(plan).scores.predictor == "combined"
+
+
+def test_combined_needs_a_table_that_measured_it(tiny_llama, calib_file, tmp_path):
+    saved = tmp_path / "s.safetensors"
+    r = run("allocate", tiny_llama, "--budget", "3.0", "--calib", calib_file, "--calib-tokens", 512, "--seqlen", 128,
+            "--save-scores", saved, "-o", tmp_path / "a.json", "-q")
+    assert r.exit_code == 0, r.output
+    r = run("allocate", tiny_llama, "--budget", "3.0", "--scores", saved, "--score", "combined", "-o",
+            tmp_path / "b.json", "-q")
+    assert r.exit_code == 2 and "bitalloc scores" in r.output and not (tmp_path / "b.json").exists()
