@@ -18,7 +18,6 @@ import argparse
 import json
 import time
 
-import numpy as np
 from safetensors.numpy import load_file, save_file
 from scipy.stats import spearmanr
 
