@@ -8,8 +8,10 @@ RTN-quantized, measured on 8192 calibration tokens (16 windows of 512, seed 1, s
 the error table was computed on). Cached in ``--out/<model>/truth.safetensors`` (about 1 s per
 unit and width on 2 cores). For each score in the table: Spearman rank correlation with the 2-bit
 and 3-bit truth over all decoder-layer tensors (for ``combined`` also over the tensors outside its
-fitting sample), and held-out perplexity of its ILP plans at ``--budgets``. Writes
-``families.json`` and prints markdown tables.
+fitting sample), and held-out perplexity of its ILP plans at ``--budgets``. ``--repeat-truth``
+also measures the 2-bit truth on other windows (seed 2) and reports the Spearman between the two
+truths: the ceiling any predictor can reach against a truth this noisy. Writes ``families.json``
+and prints markdown tables.
 """
 
 from __future__ import annotations
@@ -36,12 +38,12 @@ TRUTH_SEED = 1
 WIDTHS = (2, 3)
 
 
-def truth_table(args, ckpt, inv, out):
-    path = out / "truth.safetensors"
+def truth_table(args, ckpt, inv, out, seed=TRUTH_SEED, widths=WIDTHS):
+    path = out / ("truth.safetensors" if seed == TRUTH_SEED else f"truth-seed{seed}.safetensors")
     if path.exists():
         return load_file(str(path))["truth"], None
-    cands = [c for c in DEFAULT_CANDIDATES if c.bits in WIDTHS]
-    ids = calibration_windows(tokenize(args.model, args.calib), TRUTH_TOKENS, 512, TRUTH_SEED)
+    cands = [c for c in DEFAULT_CANDIDATES if c.bits in widths]
+    ids = calibration_windows(tokenize(args.model, args.calib), TRUTH_TOKENS, 512, seed)
     t0 = time.perf_counter()
     truth, _ = measure_truth(ckpt, inv, ids, cands)
     save_file({"truth": truth}, str(path))
@@ -55,6 +57,7 @@ def main() -> None:
     ap.add_argument("--heldout", required=True)
     ap.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.25])
     ap.add_argument("--out", default="benchmarks/out")
+    ap.add_argument("--repeat-truth", action="store_true")
     args = ap.parse_args()
     ckpt = Checkpoint(args.model)
     inv = build_inventory(ckpt)
@@ -65,6 +68,10 @@ def main() -> None:
     held_out = [k for k in range(len(units)) if k not in set(combined.sample_units(units, combined.SAMPLE_UNITS, 0))]
     result = {"model": ckpt.path.name, "units": len(rows), "truth_seconds": truth_s, "default": DEFAULT_SCORE,
               "timings": table.meta.get("timings"), "combined": table.meta.get("combined"), "scores": {}}
+    if args.repeat_truth:
+        again, _ = truth_table(args, ckpt, inv, out, seed=2, widths=(2,))
+        result["truth_self_spearman_2bit"] = float(spearmanr(again[:, 0], truth[:, 0]).statistic)
+        print("truth vs truth (other windows), 2-bit:", result["truth_self_spearman_2bit"], flush=True)
     for name in sorted(table.scores):
         errs = table.unit_errors(name)[rows]
         entry = {}
