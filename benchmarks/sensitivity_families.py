@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("--calib", required=True)
     ap.add_argument("--heldout", required=True)
-    ap.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.25])
+    ap.add_argument("--budgets", type=float, nargs="*", default=[2.5, 3.25])
     ap.add_argument("--out", default="benchmarks/out")
     ap.add_argument("--repeat-truth", action="store_true")
     args = ap.parse_args()
