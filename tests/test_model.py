@@ -63,7 +63,7 @@ def test_layerwise_eval_matches_transformers(name, heldout_file, request):
 def _reference_errors(path, ids, units, inter):
     """fisher and gradient (Taylor) scores from per-sequence autograd on the whole model.
 
-    fisher(c) = (T-1)/2 * sum F dW^2; gradient(c) = gbar.dW + (T-1)/2 * mean_s (g_s.dW)^2.
+    fisher(c) = (T-1)/2 * sum F dW^2; gradient(c) = [gbar.dW]_2se + (T-1)/2 * mean_s (g_s.dW)^2.
     """
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     params = dict(model.named_parameters())
@@ -87,8 +87,12 @@ def _reference_errors(path, ids, units, inter):
             w, g = params[key][u.expert, sl], torch.stack(grads[key])[:, u.expert, sl]
         dws = [rtn_error(w.detach(), c.bits, c.group_size) for c in DEFAULT_CANDIDATES]
         fisher[u.tensor] = [0.5 * n_pred * float((g.pow(2).mean(0) * dw.pow(2)).sum()) for dw in dws]
-        taylor[u.tensor] = [max(0.0, float((g.mean(0) * dw).sum()) + 0.5 * n_pred * float(
-            (g * dw).sum((1, 2)).double().pow(2).mean())) for dw in dws]
+        taylor[u.tensor] = []
+        for dw in dws:
+            dots = (g * dw).sum((1, 2)).double()
+            t, se = float(dots.mean()), float(dots.std()) / len(dots)**0.5
+            linear = np.sign(t) * max(abs(t) - 2 * se, 0.0)
+            taylor[u.tensor].append(max(0.0, linear + 0.5 * n_pred * float(dots.pow(2).mean())))
     return fisher, taylor
 
 

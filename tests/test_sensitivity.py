@@ -109,9 +109,19 @@ def test_gradient_family_terms_from_the_per_sequence_gradients():
     for c, dw in enumerate(ctx.dws):
         fisher = 0.5 * 7 * float((grads.pow(2).mean(0) * dw.pow(2)).sum())
         dots = (grads * dw).sum((1, 2)).double()
-        taylor = float((grads.mean(0) * dw).sum()) + 0.5 * 7 * float(dots.pow(2).mean())
+        t, se = float(dots.mean()), float(dots.std()) / 5**0.5
+        linear = np.sign(t) * max(abs(t) - 2 * se, 0.0)  # soft threshold at two standard errors
+        taylor = linear + 0.5 * 7 * float(dots.pow(2).mean())
         assert out["fisher"][:, c].sum() == pytest.approx(fisher, rel=1e-5)
         assert out["gradient"][:, c].sum() == pytest.approx(max(taylor, 0.0), rel=1e-5, abs=1e-9)
+
+
+def test_first_order_term_is_kept_only_when_significant():
+    noise = np.array([[1.0], [-1.0], [1.2], [-0.8]])  # mean 0.1, se 0.5: dropped
+    assert gradient.shrink_factor(noise)[0] == 0.0
+    signal = np.array([[10.0], [10.5], [9.5], [10.0]])  # mean 10, se 0.2: kept minus 2 se
+    assert gradient.shrink_factor(signal)[0] == pytest.approx((10 - 2 * signal.std(ddof=1) / 2) / 10)
+    assert gradient.shrink_factor(np.array([[3.0]]))[0] == 0.0  # one sequence: no error estimate
 
 
 def test_sketch_estimates_the_spectrum_of_the_gradient_matrix():
