@@ -37,7 +37,8 @@ bench: install
 			--calib $(SHARED)/data/python-calib.txt.xz --heldout $(SHARED)/data/python-heldout.txt.xz && \
 		$(BIN)/python benchmarks/compare_solvers.py $(SHARED)/models/$$m \
 			--calib $(SHARED)/data/python-calib.txt.xz --heldout $(SHARED)/data/python-heldout.txt.xz && \
-		$(BIN)/python benchmarks/sensitivity_truth.py $(SHARED)/models/$$m --calib $(SHARED)/data/python-calib.txt.xz \
+		$(BIN)/python benchmarks/sensitivity_families.py $(SHARED)/models/$$m --repeat-truth \
+			--calib $(SHARED)/data/python-calib.txt.xz --heldout $(SHARED)/data/python-heldout.txt.xz \
 		|| exit 1; done
 	$(BIN)/python benchmarks/solver_scaling.py
 

@@ -3,7 +3,7 @@
 For a unit and candidate: quantize only that tensor (RTN), run the model from that layer's
 stored input to the top, and take the mean next-token loss minus the unquantized loss. This is
 what every predictor tries to estimate; it costs one partial forward pass per (unit, candidate).
-``measure_truth`` runs it for every unit (``benchmarks/sensitivity_truth.py``: validation);
+``measure_truth`` runs it for every unit (``benchmarks/sensitivity_families.py``: validation);
 ``combined.py`` runs it for a small sample of units to calibrate the families on the model at
 hand. Weights are still materialised one decoder layer at a time.
 """
