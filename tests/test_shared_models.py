@@ -13,13 +13,16 @@ pytestmark = pytest.mark.shared
 
 def test_dense_allocate_resolve_and_eval(tmp_path):
     scores = tmp_path / "scores.safetensors"
-    plan = bitalloc.allocate(DENSE, budget="3.25bpp", calib=CALIB, calib_tokens=4096, save_scores=scores)
+    # 8 sequences keep this test short; with so few the robust score is fisher (docs/sensitivity.md)
+    with pytest.warns(UserWarning, match="gradient score is noisy"):
+        bitalloc.allocate(DENSE, budget="3.25bpp", calib=CALIB, calib_tokens=4096, save_scores=scores)
+    plan = bitalloc.allocate(DENSE, budget="3.25bpp", scores=scores, score="fisher")
     assert plan.solver.status == "optimal"
     assert 3.23 <= plan.budget.achieved_bpp <= 3.25
     names = set(Checkpoint(DENSE).tensors)
     assert all(e.tensor in names for e in plan.entries)  # keyed by exact checkpoint names
     assert len([e for e in plan.entries if not e.locked]) == 8 * 7
-    again = bitalloc.allocate(DENSE, budget="2.5", scores=scores)
+    again = bitalloc.allocate(DENSE, budget="2.5", scores=scores, score="fisher")
     assert 2.48 <= again.budget.achieved_bpp <= 2.5 and again.solver.status == "optimal"
     # the plan beats uniform 3-bit at the same size on held-out text (reference protocol, shortened)
     ilp = bitalloc.evaluate(DENSE, HELDOUT, plan=plan, tokens=8192).perplexity
