@@ -12,6 +12,7 @@ Example::
 from __future__ import annotations
 
 import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
@@ -152,8 +153,6 @@ def _warn_if_noisy(table: ErrorTable) -> None:
     """
     n = table.meta.get("calib_sequences")
     if table.score == "gradient" and n is not None and n < GRADIENT_MIN_SEQUENCES:
-        import warnings
-
         warnings.warn(f"only {n} calibration sequences: the gradient score is noisy below "
                       f"{GRADIENT_MIN_SEQUENCES}; use more --calib-tokens or --score fisher", stacklevel=3)
 

@@ -16,7 +16,7 @@ from bitalloc.plan import DEFAULT_CANDIDATES, Candidate
 from bitalloc.rounding.gptq import gptq_quantize
 from bitalloc.rounding.rtn import rtn_dequantize, rtn_error
 from bitalloc.sensitivity import collect, combined, gradient, hessian, importance, spectral
-from bitalloc.sensitivity.base import UnitContext, spectrum_stats
+from bitalloc.sensitivity.base import UnitContext, singular_energies, spectrum_stats
 from bitalloc.sensitivity.memory import pass_memory
 
 from .conftest import build_tiny_model
@@ -134,7 +134,7 @@ def test_sketch_estimates_the_spectrum_of_the_gradient_matrix():
     exact = torch.linalg.svdvals(grads.view(n_seq, -1).double()).pow(2).numpy()
     sk = gradient.Sketch(shape, seed=0, device=torch.device("cpu"))
     y = torch.stack([sk(grads[s]) for s in range(n_seq)])
-    est = spectral.singular_energies(y)
+    est = singular_energies(y)
     ref, got = spectrum_stats(exact, "g", 3), spectrum_stats(est, "g", 3)
     assert got["g_top_energy"] == pytest.approx(ref["g_top_energy"], abs=0.05)
     assert got["g_eff_rank"] == pytest.approx(ref["g_eff_rank"], rel=0.25)

@@ -135,10 +135,13 @@ class LayerwiseModel:
         out = layer(h, attention_mask=None, position_ids=None, position_embeddings=pos_emb, use_cache=False)
         return out[0] if isinstance(out, tuple) else out
 
-    def head_logits(self, h: torch.Tensor, norm_w: torch.Tensor, head_w: torch.Tensor) -> torch.Tensor:
+    def final_norm(self, h: torch.Tensor, norm_w: torch.Tensor) -> torch.Tensor:
+        """The model's final RMS norm: the inputs of the lm_head."""
         var = h.pow(2).mean(-1, keepdim=True)
-        x = h * torch.rsqrt(var + self.norm.variance_epsilon) * norm_w
-        return x @ head_w.T
+        return h * torch.rsqrt(var + self.norm.variance_epsilon) * norm_w
+
+    def head_logits(self, h: torch.Tensor, norm_w: torch.Tensor, head_w: torch.Tensor) -> torch.Tensor:
+        return self.final_norm(h, norm_w) @ head_w.T
 
     def run_layer_batched(self, layer: nn.Module, src: torch.Tensor, dst: torch.Tensor, batch: int) -> None:
         """``dst[s] = layer(src[s])`` for all sequences, ``batch`` at a time (``dst`` may be ``src``)."""

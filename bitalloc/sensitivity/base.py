@@ -63,11 +63,16 @@ class FamilyOutput:
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+def slab_sums_torch(per_col: torch.Tensor) -> torch.Tensor:
+    """[..., in] -> [..., S]: sums over SLAB_WIDTH-column slabs of the last axis."""
+    n = -(-per_col.shape[-1] // SLAB_WIDTH)
+    padded = torch.nn.functional.pad(per_col, (0, n * SLAB_WIDTH - per_col.shape[-1]))
+    return padded.view(*per_col.shape[:-1], n, SLAB_WIDTH).sum(-1)
+
+
 def slab_sums(per_col: torch.Tensor) -> np.ndarray:
     """[in] per-column values -> [S] sums over SLAB_WIDTH-column slabs (float64 numpy)."""
-    n = -(-per_col.shape[0] // SLAB_WIDTH)
-    padded = torch.nn.functional.pad(per_col.double(), (0, n * SLAB_WIDTH - per_col.shape[0]))
-    return padded.view(n, SLAB_WIDTH).sum(1).cpu().numpy()
+    return slab_sums_torch(per_col.double()).cpu().numpy()
 
 
 def per_candidate(ctx: UnitContext, column_fn: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
@@ -84,6 +89,13 @@ def scaled_noise(ctx: UnitContext, score: float) -> np.ndarray:
     """
     norm = float(ctx.w.double().pow(2).sum()) or 1.0
     return per_candidate(ctx, lambda dw: dw.pow(2).sum(0)) * (score / norm)
+
+
+def singular_energies(m: torch.Tensor) -> np.ndarray:
+    """Squared singular values of ``m``, descending, from the eigenvalues of its smaller Gram matrix."""
+    m = m.double()
+    gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+    return np.clip(torch.linalg.eigvalsh(gram).flip(0).cpu().numpy(), 0, None)
 
 
 def spectrum_stats(sq: np.ndarray, prefix: str, k: int) -> dict[str, float]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 import warnings
+import zlib
 from collections import defaultdict
 from typing import Optional
 
@@ -32,7 +33,7 @@ from ..progress import SILENT, Tracker
 from ..rounding.rtn import rtn_error
 from ..scores import DEFAULT_SCORE, SLAB_WIDTH, ErrorTable
 from . import combined, gradient, hessian, importance, spectral
-from .base import UnitContext
+from .base import UnitContext, slab_sums_torch
 from .truth import TruthRunner
 
 FAMILIES = {"hessian": hessian, "spectral": spectral, "importance": importance, "gradient": gradient}
@@ -40,13 +41,6 @@ FORMULAS = {name: formula for fam in FAMILIES.values() for name, formula in fam.
 FORMULAS["combined"] = combined.FORMULA
 FORWARD_BATCH = 8  # sequences per forward call; bounds activation memory inside a layer
 STATS_BUDGET = 16 * 2**30  # bytes of per-unit gradient statistics held at once (see stat_groups)
-
-
-def slab_sums_torch(per_col: torch.Tensor) -> torch.Tensor:
-    """[..., in] -> [..., S]: sums over SLAB_WIDTH-column slabs of the last axis."""
-    n = -(-per_col.shape[-1] // SLAB_WIDTH)
-    padded = nn.functional.pad(per_col, (0, n * SLAB_WIDTH - per_col.shape[-1]))
-    return padded.view(*per_col.shape[:-1], n, SLAB_WIDTH).sum(-1)
 
 
 class GradStats:
@@ -263,7 +257,7 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
             if head_stats is not None:
                 head_stats.add(s, head_w.grad)
                 head_w.grad = None
-                xn = lm.head_logits(h.detach(), norm_w, torch.eye(h.shape[-1], device=lm.device))[0]
+                xn = lm.final_norm(h.detach(), norm_w)[0]
                 head_h += xn.T @ xn
             losses.append(float(loss.detach()))
         meta["calibration_loss"] = float(np.mean(losses))
@@ -389,8 +383,6 @@ def _grad_stats(w: torch.Tensor, candidates: list[Candidate], n_seq: int, unit: 
 
 def _stable_seed(name: str) -> int:
     """A sketch seed per tensor name that does not depend on Python's hash randomisation."""
-    import zlib
-
     return zlib.crc32(name.encode())
 
 

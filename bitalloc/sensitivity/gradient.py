@@ -32,8 +32,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import FamilyOutput, UnitContext, per_candidate, spectrum_stats
-from .spectral import singular_energies
+from .base import FamilyOutput, UnitContext, per_candidate, singular_energies, spectrum_stats
 
 PREDICTORS = {
     "fisher": "(seqlen-1)/2 * sum F dW^2, F = mean over sequences of the squared per-sequence gradient",

@@ -19,19 +19,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import FamilyOutput, UnitContext, scaled_noise, spectrum_stats
+from .base import FamilyOutput, UnitContext, scaled_noise, singular_energies, spectrum_stats
 
 PREDICTORS = {"spectral": "E * ||dW||^2 / ||W||^2, E = sum of squared singular values of W H^(1/2) / sqrt(T)"}
 TOP_FRACTION = 0.125
 RANK_SLAB = 64  # singular values per spectral unit (BitsMoE regroups ranks in slabs of 64)
 DAMP = 1e-6  # relative diagonal damping of H before its Cholesky factorisation
-
-
-def singular_energies(m: torch.Tensor) -> np.ndarray:
-    """Squared singular values of ``m``, descending, from the eigenvalues of its smaller Gram matrix."""
-    m = m.double()
-    gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
-    return np.clip(torch.linalg.eigvalsh(gram).flip(0).cpu().numpy(), 0, None)
 
 
 def top_k(rank: int) -> int:
