@@ -8,7 +8,7 @@ from typing import Optional
 
 import bitalloc
 from bitalloc.errors import ScoresError
-from bitalloc.scores import ErrorTable
+from bitalloc.sensitivity.table import ErrorTable
 
 
 def cached_scores(model: str, calib: str, out_root: str) -> tuple[Path, ErrorTable, Optional[float]]:

@@ -21,12 +21,9 @@ import torch
 
 import bitalloc
 from bitalloc.allocator import position_priority, promote_in_order, random_assignment, uniform
-from bitalloc.api import build_plan, problem_from_table
+from bitalloc.api import CalibrationConfig, ModelContext, SolveConfig, build_plan
 from bitalloc.budget import parse_budget
 from bitalloc.errors import BudgetError
-from bitalloc.model.checkpoint import Checkpoint
-from bitalloc.model.inventory import build_inventory
-from bitalloc.plan import DEFAULT_CANDIDATES
 from cache import cached_scores
 
 RANDOM_SEEDS = (0, 1, 2)
@@ -42,9 +39,10 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/out")
     args = ap.parse_args()
 
-    ckpt = Checkpoint(args.model)
-    inv = build_inventory(ckpt)
+    ctx = ModelContext.build(args.model, CalibrationConfig(), SolveConfig())
+    inv = ctx.inv
     out, table, score_s = cached_scores(args.model, args.calib, args.out)
+    table = table.using(ctx.solve.score)
     units = inv.quantized
     tiers = position_priority([u.layer for u in units], [u.role.value for u in units], inv.num_layers)
 
@@ -61,7 +59,7 @@ def main() -> None:
         row = {"target": target, "ilp_bpp": plan.budget.achieved_bpp, "status": plan.solver.status,
                "gap": plan.solver.gap, "resolve_s": resolve_s, "predicted": plan.solver.objective}
         if target in args.eval_budgets:
-            problem = problem_from_table(inv, table, DEFAULT_CANDIDATES, budget)
+            problem = ctx.with_table(ctx.problem(budget), table)
             group_tier = [min(tiers[i] for i in m) for m in problem.members]
             baselines = {"heuristic": promote_in_order(problem, group_tier, "position-heuristic")}
             richest = max((c.bits for c in problem.candidates if _fits(problem, c.bits)), default=None)
@@ -71,7 +69,7 @@ def main() -> None:
                 baselines[f"random{s}"] = random_assignment(problem, s)
             row["ilp_ppl"] = ppl(plan)
             for name, a in baselines.items():
-                bplan = build_plan(ckpt, inv, problem, a, table, budget)
+                bplan = build_plan(ctx, problem, a, table, budget)
                 bplan.save(out / f"plan-{name}-{target}.json")
                 row[f"{name}_ppl"] = ppl(bplan)
                 row[f"{name}_bpp"] = bplan.budget.achieved_bpp
@@ -84,7 +82,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     refs = {f"uniform{b}": bitalloc.evaluate(args.model, args.heldout, bits=b).perplexity for b in (2, 3, 4)}
     refs["unquantized"] = bitalloc.evaluate(args.model, args.heldout).perplexity
-    result = {"model": str(ckpt.path), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    result = {"model": str(ctx.ckpt.path), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
                          f"{torch.get_num_threads()} torch threads",
               "scores_seconds": score_s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

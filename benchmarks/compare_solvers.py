@@ -33,7 +33,7 @@ def main() -> None:
         row = {"target": target}
         seen: dict[tuple, float] = {}
         for solver in SOLVERS:
-            plan = bitalloc.allocate(args.model, budget=f"{target}bpp", scores=table, solver=solver)
+            plan = bitalloc.allocate(args.model, budget=f"{target}bpp", scores=table, solve=bitalloc.SolveConfig(solver=solver))
             key = tuple((e.bits, e.group_size) for e in plan.entries)
             if key not in seen:  # identical plans need no second evaluation
                 seen[key] = bitalloc.evaluate(args.model, args.heldout, plan=plan).perplexity

@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bitalloc.data import calibration_windows, tokenize
-from bitalloc.eval import perplexity
+from bitalloc.model.calib import calibration_windows, tokenize
+from bitalloc.api.evaluation import evaluate
 from bitalloc.model.checkpoint import Checkpoint
 from bitalloc.model.inventory import build_inventory
 from bitalloc.plan import DEFAULT_CANDIDATES
-from bitalloc.sensitivity import measure_errors
+from bitalloc.sensitivity.collect import measure_errors
 from bitalloc.sensitivity.memory import pass_memory
 
 
@@ -54,7 +54,7 @@ def main() -> None:
         result[f"sensitivity_s_{dev}"] = round(time.perf_counter() - t0, 2)
         result[f"phases_{dev}"] = {k: round(v, 2) for k, v in tables[dev].meta["timings"].items()}
         t0 = time.perf_counter()
-        ppl[dev] = perplexity(ckpt, heldout, bits=3, device=dev).perplexity
+        ppl[dev] = evaluate(ckpt, heldout, bits=3, device=dev).perplexity
         result[f"eval_s_{dev}"] = round(time.perf_counter() - t0, 2)
     est = pass_memory(json.loads((Path(model) / "config.json").read_text()), *ids.shape, len(DEFAULT_CANDIDATES))
     result["formula_device_mib"] = round(est.device / 2**20, 1)

@@ -24,11 +24,11 @@ from safetensors.numpy import load_file, save_file
 from scipy.stats import spearmanr
 
 import bitalloc
-from bitalloc.data import calibration_windows, tokenize
+from bitalloc.model.calib import calibration_windows, tokenize
 from bitalloc.model.checkpoint import Checkpoint
 from bitalloc.model.inventory import build_inventory
 from bitalloc.plan import DEFAULT_CANDIDATES
-from bitalloc.scores import DEFAULT_SCORE
+from bitalloc.sensitivity.table import DEFAULT_SCORE
 from bitalloc.sensitivity import combined
 from bitalloc.sensitivity.truth import measure_truth
 from cache import cached_scores
@@ -82,7 +82,7 @@ def main() -> None:
                 entry[f"spearman_{bits}bit_outside_sample"] = float(
                     spearmanr(pred[held_out], truth[held_out, j]).statistic)
         for b in args.budgets:
-            plan = bitalloc.allocate(args.model, f"{b}bpp", scores=table, score=name)
+            plan = bitalloc.allocate(args.model, f"{b}bpp", scores=table, solve=bitalloc.SolveConfig(score=name))
             plan.save(out / f"plan-{name}-{b}.json")
             entry[f"ppl_{b}"] = bitalloc.evaluate(args.model, args.heldout, plan=plan).perplexity
         result["scores"][name] = entry

@@ -12,15 +12,17 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "allocate": "api", "build_plan": "api", "compute_scores": "api", "evaluate": "api", "frontier": "api",
-    "BitallocError": "errors", "Candidate": "plan", "Plan": "plan", "ErrorTable": "scores",
+    "import_config": "api", "CalibrationConfig": "api", "SolveConfig": "api",
+    "BitallocError": "errors", "Candidate": "plan", "Plan": "plan", "ErrorTable": "sensitivity.table",
 }
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 if TYPE_CHECKING:
-    from .api import allocate, build_plan, compute_scores, evaluate, frontier  # noqa: F401
+    from .api import (CalibrationConfig, SolveConfig, allocate, build_plan, compute_scores, evaluate,  # noqa: F401
+                      frontier, import_config)
     from .errors import BitallocError  # noqa: F401
     from .plan import Candidate, Plan  # noqa: F401
-    from .scores import ErrorTable  # noqa: F401
+    from .sensitivity.table import ErrorTable  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -37,15 +37,19 @@ _BYTE_UNITS = {
 _BUDGET_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 
 
-def tensor_bits(rows: int, cols: int, bits: int, group_size: int) -> int:
-    """Exact storage of one quantized [rows, cols] tensor, in bits (codes + scales + zeros)."""
-    groups = rows * math.ceil(cols / group_size)
+def tensor_bits(rows, cols, bits: int, group_size: int):
+    """Exact storage of quantized [rows, cols] tensors, in bits (codes + scales + zeros).
+
+    The one storage formula of bitalloc: plans, problems, importers and reports all price through it.
+    ``rows`` and ``cols`` may be ints or integer numpy arrays (many tensors at once).
+    """
+    groups = rows * -(-cols // group_size)
     return rows * cols * bits + groups * (SCALE_BITS + ZERO_BITS)
 
 
 def nominal_bpp(bits: int, group_size: int) -> float:
     """Bits per parameter of a candidate for tensors whose width is a multiple of the group."""
-    return bits + (SCALE_BITS + ZERO_BITS) / group_size
+    return tensor_bits(1, group_size, bits, group_size) / group_size
 
 
 @dataclass(frozen=True)
@@ -61,9 +65,6 @@ class Budget:
         if self.unit == "bpp":
             return math.floor(self.value * counted_params + 1e-9)
         return math.floor(self.value * 8)
-
-    def as_bpp(self, counted_params: int) -> float:
-        return self.total_bits(counted_params) / counted_params
 
 
 def parse_budget(text: str | float) -> Budget:

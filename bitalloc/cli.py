@@ -4,15 +4,23 @@ Exit codes: 0 success; 2 bad input (missing or corrupt files, unsupported archit
 unparsable or infeasible budget, unwritable output, plan for another model), reported as
 one line on stderr with nothing written; 1 an internal error (a bug: please report it with
 the traceback).
+
+Every option is declared once: the calibration options (shared by ``allocate``, ``frontier`` and
+``scores``) and the solve options (``allocate`` and ``frontier``) are added to each command by a
+decorator that hands them over as one :class:`~bitalloc.api.CalibrationConfig` or
+:class:`~bitalloc.api.SolveConfig`, with the defaults of those configs.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: typer reads these annotations at run time.
 
 import functools
+import inspect
 import json
 import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Annotated, Any, Callable, Iterator, Optional
 
 import typer
 
@@ -24,43 +32,131 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 EXIT_USAGE = 2
 
 
+@contextmanager
+def _plain_warnings() -> Iterator[None]:
+    """Warnings as ``warning: ...`` lines for this command only (the process-wide format is restored)."""
+    before = warnings.formatwarning
+    warnings.formatwarning = lambda msg, *a, **k: f"warning: {msg}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = before
+
+
 def _user_errors(fn: Callable) -> Callable:
     """Turn BitallocError into one line on stderr and exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        warnings.formatwarning = lambda msg, *a, **k: f"warning: {msg}\n"
-        try:
-            return fn(*args, **kwargs)
-        except BitallocError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(EXIT_USAGE) from None
+        with _plain_warnings():
+            try:
+                return fn(*args, **kwargs)
+            except BitallocError as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(EXIT_USAGE) from None
 
     return wrapper
 
 
-def _parse_candidates(text: str):
-    from .plan import Candidate
+@dataclass(frozen=True)
+class _Option:
+    """One option as typer reads it: parameter name, Annotated type and default."""
 
-    try:
-        return [Candidate(bits=int(b), group_size=int(g)) for b, g in
-                (item.split("g") if "g" in item else (item, "128") for item in text.split(","))]
-    except ValueError:
-        raise BitallocError(f"cannot parse --candidates {text!r}: use e.g. '2,3,4,8' or '2g64,3g128,4g128'") from None
-
-
-_SOLVER_HELP = "auto (exact; Lagrangian beyond 2e5 groups) | ilp | lagrangian | closed-form | greedy."
-_SCORE_HELP = ("Predictor the solver minimises: gradient (default) | fisher | hessian | hessian_diag | baq | spectral | "
-               "importance | combined (docs/sensitivity.md).")
-_GRANULARITY_HELP = "tensor (default) | expert (one width per MoE expert) | slab (per 128 input columns)."
-_PIN_HELP = "Fix tensors matching REGEX (re.search on the tensor name): 'REGEX=BITS' or 'REGEX=BITSgGROUP'. Repeatable."
+    name: str
+    annotation: Any
+    default: Any
 
 
-def _constraints(pin: list[str], min_bits: Optional[int], max_bits: Optional[int], role_bits: list[str],
-                 bits_range: list[str]):
-    from .allocator import Constraints
+def _options(target: str, options: tuple[_Option, ...], build: Callable[..., Any]) -> Callable[[Callable], Callable]:
+    """Add ``options`` to a command's parameters and pass them to it as ``target=build(**values)``.
 
-    return Constraints(tuple(pin), min_bits, max_bits, tuple(role_bits), tuple(bits_range))
+    The command declares ``target`` as a keyword-only parameter; typer sees the options instead.
+    """
+    names = [o.name for o in options]
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            values = {n: kwargs.pop(n) for n in names}
+            return fn(*args, **kwargs, **{target: build(**values)})
+
+        sig = inspect.signature(fn)
+        params = [p for p in sig.parameters.values() if p.name != target]
+        params += [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, annotation=o.annotation, default=o.default)
+                   for o in options]
+        wrapper.__signature__ = sig.replace(parameters=params)
+        wrapper.__annotations__ = {**{k: v for k, v in fn.__annotations__.items() if k != target},
+                                   **{o.name: o.annotation for o in options}}
+        del wrapper.__wrapped__  # typer must read the new signature, not the command's own
+        return wrapper
+
+    return decorate
+
+
+def _calibration_options() -> Callable[[Callable], Callable]:
+    from .api.config import CalibrationConfig, candidates_text, parse_candidates
+
+    d = CalibrationConfig()
+
+    def build(candidates: str, calib_tokens: int, seqlen: int, seed: int, include_lm_head: bool,
+              include_embeddings: bool, device: str) -> CalibrationConfig:
+        return CalibrationConfig(tokens=calib_tokens, seqlen=seqlen, seed=seed, device=device,
+                                 include_lm_head=include_lm_head, include_embeddings=include_embeddings,
+                                 candidates=tuple(parse_candidates(candidates)))
+
+    opt = typer.Option
+    return _options("calibration", (
+        _Option("candidates", Annotated[str, opt(help="Bit widths, optionally with group: '2,3,4,8' or '2g64,4g128' "
+                                                      "(default group 128).")], candidates_text(d.candidates)),
+        _Option("calib_tokens", Annotated[int, opt(help="Calibration tokens (windows of --seqlen).")], d.tokens),
+        _Option("seqlen", Annotated[int, opt(help="Calibration window length in tokens.")], d.seqlen),
+        _Option("seed", Annotated[int, opt(help="Seed for calibration window sampling and the solver.")], d.seed),
+        _Option("include_lm_head", Annotated[bool, opt(help="Quantize lm_head too (locked by default).")],
+                d.include_lm_head),
+        _Option("include_embeddings", Annotated[bool, opt(help="Quantize the token embedding too (locked by default).")],
+                d.include_embeddings),
+        _Option("device", Annotated[str, opt(help="'cpu', 'cuda', 'cuda:N' or 'auto'.")], d.device),
+    ), build)
+
+
+def _solve_options() -> Callable[[Callable], Callable]:
+    from .api.config import SolveConfig
+
+    d = SolveConfig()
+
+    def build(solver: str, score: str, granularity: str, pin: list[str], min_bits: Optional[int],
+              max_bits: Optional[int], role_bits: list[str], bits_range: list[str], time_table: Optional[Path],
+              time_budget: Optional[float], time_limit: float) -> SolveConfig:
+        from .api import Constraints
+
+        return SolveConfig(solver=solver, score=score, granularity=granularity,
+                           constraints=Constraints(tuple(pin), min_bits, max_bits, tuple(role_bits), tuple(bits_range)),
+                           time_table=_time_table(time_table), time_budget=time_budget, time_limit_s=time_limit)
+
+    opt = typer.Option
+    return _options("solve", (
+        _Option("solver", Annotated[str, opt(help="auto (exact; Lagrangian beyond 2e5 groups) | ilp | lagrangian | "
+                                                  "closed-form | greedy.")], d.solver),
+        _Option("score", Annotated[str, opt(help="Predictor the solver minimises: gradient (default) | fisher | hessian "
+                                                 "| hessian_diag | baq | spectral | importance | combined "
+                                                 "(docs/sensitivity.md).")], d.score),
+        _Option("granularity", Annotated[str, opt(help="tensor (default) | expert (one width per MoE expert) | slab "
+                                                       "(per 128 input columns).")], d.granularity),
+        _Option("pin", Annotated[list[str], opt(help="Fix tensors matching REGEX (re.search on the tensor name): "
+                                                     "'REGEX=BITS' or 'REGEX=BITSgGROUP'. Repeatable.")], []),
+        _Option("min_bits", Annotated[Optional[int], opt(help="Lowest bit width any unpinned tensor may get.")], None),
+        _Option("max_bits", Annotated[Optional[int], opt(help="Highest bit width any unpinned tensor may get.")], None),
+        _Option("role_bits", Annotated[list[str], opt(help="Per-role range 'ROLE=LO:HI' (e.g. attn_v=4:8). "
+                                                           "Repeatable.")], []),
+        _Option("bits_range", Annotated[list[str], opt(help="Range for tensors matching REGEX: 'REGEX=LO:HI' (per "
+                                                            "layer: 'layers\\.0\\.=4:8'). Repeatable.")], []),
+        _Option("time_table", Annotated[Optional[Path], opt(help="JSON {candidate id: kernel seconds per "
+                                                                 "parameter}.")], None),
+        _Option("time_budget", Annotated[Optional[float], opt(help="Total kernel seconds allowed (needs "
+                                                                   "--time-table).")], d.time_budget),
+        _Option("time_limit", Annotated[float, opt(help="Solver time limit in seconds; the plan reports the gap if "
+                                                        "it is hit.")], d.time_limit_s),
+    ), build)
 
 
 def _time_table(path: Optional[Path]) -> Optional[dict[str, float]]:
@@ -73,34 +169,29 @@ def _time_table(path: Optional[Path]) -> Optional[dict[str, float]]:
         raise BitallocError(f"cannot read time table {path}: expected JSON {{candidate id: seconds per parameter}}") from None
 
 
+ModelArg = Annotated[Path, typer.Argument(help="Local model directory (config.json + safetensors).")]
+Calib = Annotated[Optional[Path], typer.Option("--calib", help="Calibration text: .txt, .jsonl ('text'), "
+                                                                "optionally .xz/.gz.")]
+Scores = Annotated[Optional[Path], typer.Option("--scores", help="Re-solve from a saved error table instead of "
+                                                                  "calibrating.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")]
+
+
 @app.command("allocate")
 @_user_errors
+@_calibration_options()
+@_solve_options()
 def allocate_cmd(
-    model: Path = typer.Argument(..., help="Local model directory (config.json + safetensors)."),
-    budget: str = typer.Option(..., "--budget", "-b", help="'2.5bpp', '2.5', or a size of quantized tensors: '900MB', '3GiB'."),
-    output: Path = typer.Option(..., "--output", "-o", help="Where to write the plan JSON."),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text: .txt, .jsonl ('text'), optionally .xz/.gz."),
-    scores: Optional[Path] = typer.Option(None, "--scores", help="Re-solve from a saved error table instead of calibrating."),
-    save_scores: Optional[Path] = typer.Option(None, "--save-scores", help="Save the computed error table here."),
-    candidates: str = typer.Option("2,3,4,8", help="Bit widths (optionally with group: '2g64,4g128'); default group 128."),
-    solver: str = typer.Option("auto", help=_SOLVER_HELP),
-    score: Optional[str] = typer.Option(None, "--score", help=_SCORE_HELP),
-    granularity: str = typer.Option("tensor", help=_GRANULARITY_HELP),
-    pin: list[str] = typer.Option([], "--pin", help=_PIN_HELP),
-    min_bits: Optional[int] = typer.Option(None, help="Lowest bit width any unpinned tensor may get."),
-    max_bits: Optional[int] = typer.Option(None, help="Highest bit width any unpinned tensor may get."),
-    role_bits: list[str] = typer.Option([], "--role-bits", help="Per-role range 'ROLE=LO:HI' (e.g. attn_v=4:8). Repeatable."),
-    bits_range: list[str] = typer.Option([], "--bits-range", help="Range for tensors matching REGEX: 'REGEX=LO:HI' (per layer: 'layers\\.0\\.=4:8'). Repeatable."),
-    time_table: Optional[Path] = typer.Option(None, help="JSON {candidate id: kernel seconds per parameter}."),
-    time_budget: Optional[float] = typer.Option(None, help="Total kernel seconds allowed (needs --time-table)."),
-    calib_tokens: int = typer.Option(32768, help="Calibration tokens (windows of --seqlen)."),
-    seqlen: int = typer.Option(512, help="Calibration window length in tokens."),
-    seed: int = typer.Option(0, help="Seed for calibration window sampling and the solver."),
-    include_lm_head: bool = typer.Option(False, help="Quantize lm_head too (locked by default)."),
-    include_embeddings: bool = typer.Option(False, help="Quantize the token embedding too (locked by default)."),
-    device: str = typer.Option("auto", help="'cpu', 'cuda', 'cuda:N' or 'auto'."),
-    time_limit: float = typer.Option(60.0, help="Solver time limit in seconds; the plan reports the gap if it is hit."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary."),
+    model: ModelArg,
+    budget: Annotated[str, typer.Option("--budget", "-b", help="'2.5bpp', '2.5', or a size of quantized tensors: "
+                                                               "'900MB', '3GiB'.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the plan JSON.")],
+    calib: Calib = None,
+    scores: Scores = None,
+    save_scores: Annotated[Optional[Path], typer.Option("--save-scores", help="Save the computed error table "
+                                                                              "here.")] = None,
+    quiet: Quiet = False,
+    *, calibration, solve,
 ) -> None:
     """Choose bits for every tensor so that the model meets the budget exactly."""
     from .api import allocate
@@ -111,12 +202,8 @@ def allocate_cmd(
     if save_scores is not None:
         check_writable(save_scores)
     with tracker(quiet) as track:
-        plan = allocate(model, budget, calib=calib, scores=scores, candidates=_parse_candidates(candidates),
-                        calib_tokens=calib_tokens, seqlen=seqlen, seed=seed, include_lm_head=include_lm_head,
-                        include_embeddings=include_embeddings, device=device, save_scores=save_scores,
-                        solver=solver, constraints=_constraints(pin, min_bits, max_bits, role_bits, bits_range),
-                        granularity=granularity, time_table=_time_table(time_table), time_budget=time_budget, time_limit_s=time_limit,
-                        score=score, track=track)
+        plan = allocate(model, budget, calib, scores=scores, calibration=calibration, solve=solve,
+                        save_scores=save_scores, track=track)
     plan.save(output)
     if not quiet:
         typer.echo(plan.summary())
@@ -125,45 +212,33 @@ def allocate_cmd(
 
 @app.command("frontier")
 @_user_errors
+@_calibration_options()
+@_solve_options()
 def frontier_cmd(
-    model: Path = typer.Argument(..., help="Local model directory."),
-    output: Path = typer.Option(..., "--output", "-o", help="Directory for plan-<bpp>.json, frontier.csv, frontier.png."),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text (one sensitivity pass for all budgets)."),
-    scores: Optional[Path] = typer.Option(None, "--scores", help="A saved error table instead of --calib."),
-    start: float = typer.Option(2.0, "--from", help="First budget (bpp)."),
-    stop: float = typer.Option(4.5, "--to", help="Last budget (bpp)."),
-    step: float = typer.Option(0.125, "--step", help="Budget step (bpp)."),
-    eval_text: Optional[Path] = typer.Option(None, "--eval", help="Also measure held-out perplexity of every plan."),
-    eval_tokens: int = typer.Option(32768, help="Tokens of --eval text (first N, windows of 512)."),
-    candidates: str = typer.Option("2,3,4,8", help="Bit widths (optionally with group)."),
-    solver: str = typer.Option("auto", help=_SOLVER_HELP),
-    score: Optional[str] = typer.Option(None, "--score", help=_SCORE_HELP),
-    granularity: str = typer.Option("tensor", help=_GRANULARITY_HELP),
-    pin: list[str] = typer.Option([], "--pin", help=_PIN_HELP),
-    min_bits: Optional[int] = typer.Option(None),
-    max_bits: Optional[int] = typer.Option(None),
-    role_bits: list[str] = typer.Option([], "--role-bits"),
-    bits_range: list[str] = typer.Option([], "--bits-range"),
-    calib_tokens: int = typer.Option(32768),
-    seqlen: int = typer.Option(512),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("auto"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    model: ModelArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for plan-<bpp>.json, frontier.csv, "
+                                                                "frontier.png.")],
+    calib: Calib = None,
+    scores: Scores = None,
+    start: Annotated[float, typer.Option("--from", help="First budget (bpp).")] = 2.0,
+    stop: Annotated[float, typer.Option("--to", help="Last budget (bpp).")] = 4.5,
+    step: Annotated[float, typer.Option("--step", help="Budget step (bpp).")] = 0.125,
+    eval_text: Annotated[Optional[Path], typer.Option("--eval", help="Also measure held-out perplexity of every "
+                                                                     "plan.")] = None,
+    eval_tokens: Annotated[int, typer.Option(help="Tokens of --eval text (first N, windows of 512).")] = 32768,
+    quiet: Quiet = False,
+    *, calibration, solve,
 ) -> None:
     """Solve every budget of a sweep from one sensitivity pass; write plans, a CSV and a plot."""
-    from .api import frontier
-    from .frontier import budgets, write_frontier
+    from .api import budgets, frontier
     from .progress import tracker
+    from .report.frontier import check_directory, write_frontier
 
-    if output.exists() and not output.is_dir():
-        raise BitallocError(f"cannot write {output}: it exists and is not a directory")
+    check_directory(output)
     targets = budgets(start, stop, step)
     with tracker(quiet) as track:
-        points = frontier(model, targets, calib=calib, scores=scores, candidates=_parse_candidates(candidates),
-                          calib_tokens=calib_tokens, seqlen=seqlen, seed=seed, device=device, solver=solver,
-                          granularity=granularity, score=score,
-                          constraints=_constraints(pin, min_bits, max_bits, role_bits, bits_range), eval_text=eval_text,
-                          eval_tokens=eval_tokens, track=track)
+        points = frontier(model, targets, calib, scores=scores, calibration=calibration, solve=solve,
+                          eval_text=eval_text, eval_tokens=eval_tokens, track=track)
     written = write_frontier(output, points)
     if not quiet:
         for p in points:
@@ -173,19 +248,46 @@ def frontier_cmd(
         typer.echo(f"wrote {len(written)} files to {output}")
 
 
+@app.command("scores")
+@_user_errors
+@_calibration_options()
+def scores_cmd(
+    model: ModelArg,
+    calib: Annotated[Path, typer.Option("--calib", help="Calibration text.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the error table (.safetensors).")],
+    quiet: Quiet = False,
+    *, calibration,
+) -> None:
+    """Compute and save the error table only; `allocate --scores` re-solves any budget from it."""
+    from .api import compute_scores
+    from .plan import check_writable
+    from .progress import tracker
+
+    check_writable(output)
+    with tracker(quiet) as track:
+        table = compute_scores(model, calib, calibration, track)
+    table.save(output)
+    if not quiet:
+        typer.echo(f"wrote {output}: {len(table.tensors)} tensors x {len(table.candidates)} candidates; "
+                   f"scores {', '.join(sorted(table.scores))} (default {table.score})")
+        times = ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in table.meta.get("timings", {}).items())
+        typer.echo(f"timings: {times}")
+
+
 @app.command("eval")
 @_user_errors
 def eval_cmd(
-    model: Path = typer.Argument(..., help="Local model directory."),
-    text: Path = typer.Option(..., "--text", help="Held-out text (.txt/.jsonl, optionally .xz); never the calibration file."),
-    plan: Optional[Path] = typer.Option(None, "--plan", help="Plan JSON to apply with RTN."),
-    bits: Optional[int] = typer.Option(None, "--bits", help="Uniform RTN bits instead of a plan."),
-    group: int = typer.Option(128, "--group", help="Group size for --bits."),
-    tokens: int = typer.Option(32768, help="Evaluate the first N tokens."),
-    seqlen: int = typer.Option(512, help="Window length."),
-    device: str = typer.Option("auto", help="'cpu', 'cuda', 'cuda:N' or 'auto'."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    model: ModelArg,
+    text: Annotated[Path, typer.Option("--text", help="Held-out text (.txt/.jsonl, optionally .xz); never the "
+                                                      "calibration file.")],
+    plan: Annotated[Optional[Path], typer.Option("--plan", help="Plan JSON to apply with RTN.")] = None,
+    bits: Annotated[Optional[int], typer.Option("--bits", help="Uniform RTN bits instead of a plan.")] = None,
+    group: Annotated[int, typer.Option("--group", help="Group size for --bits.")] = 128,
+    tokens: Annotated[int, typer.Option(help="Evaluate the first N tokens.")] = 32768,
+    seqlen: Annotated[int, typer.Option(help="Window length.")] = 512,
+    device: Annotated[str, typer.Option(help="'cpu', 'cuda', 'cuda:N' or 'auto'.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Held-out perplexity after RTN fake-quantization (fixed protocol, see docs/eval.md)."""
     from .api import evaluate
@@ -203,41 +305,12 @@ def eval_cmd(
         typer.echo(f"{r.label}: perplexity {r.perplexity:.4f} (loss {r.loss:.4f}, {r.tokens} tokens, {r.seconds:.1f} s)")
 
 
-@app.command("scores")
-@_user_errors
-def scores_cmd(
-    model: Path = typer.Argument(..., help="Local model directory."),
-    calib: Path = typer.Option(..., "--calib", help="Calibration text."),
-    output: Path = typer.Option(..., "--output", "-o", help="Where to write the error table (.safetensors)."),
-    candidates: str = typer.Option("2,3,4,8", help="Bit widths (optionally with group)."),
-    calib_tokens: int = typer.Option(32768),
-    seqlen: int = typer.Option(512),
-    seed: int = typer.Option(0),
-    include_lm_head: bool = typer.Option(False),
-    include_embeddings: bool = typer.Option(False),
-    device: str = typer.Option("auto"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
-) -> None:
-    """Compute and save the error table only; `allocate --scores` re-solves any budget from it."""
-    from .api import compute_scores
-    from .plan import check_writable
-    from .progress import tracker
-
-    check_writable(output)
-    with tracker(quiet) as track:
-        table = compute_scores(model, calib, _parse_candidates(candidates), calib_tokens, seqlen, seed,
-                               include_lm_head, include_embeddings, device, track)
-    table.save(output)
-    if not quiet:
-        typer.echo(f"wrote {output}: {len(table.tensors)} tensors x {len(table.candidates)} candidates; "
-                   f"scores {', '.join(sorted(table.scores))} (default {table.score})")
-        times = ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in table.meta.get("timings", {}).items())
-        typer.echo(f"timings: {times}")
+PlanArg = Annotated[Path, typer.Argument(help="Plan JSON.")]
 
 
 @app.command("show")
 @_user_errors
-def show_cmd(plan: Path = typer.Argument(..., help="Plan JSON.")) -> None:
+def show_cmd(plan: PlanArg) -> None:
     """Validate a plan and print its summary."""
     from .plan import Plan
 
@@ -247,9 +320,10 @@ def show_cmd(plan: Path = typer.Argument(..., help="Plan JSON.")) -> None:
 @app.command("export")
 @_user_errors
 def export_cmd(
-    plan: Path = typer.Argument(..., help="Plan JSON."),
-    to: str = typer.Option(..., "--to", help="gptqmodel | compressed-tensors | llmcompressor-recipe | llamacpp | autoround | torchao."),
-    output: Path = typer.Option(..., "--output", "-o", help="File to write."),
+    plan: PlanArg,
+    to: Annotated[str, typer.Option("--to", help="gptqmodel | compressed-tensors | llmcompressor-recipe | llamacpp | "
+                                                 "autoround | torchao.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="File to write.")],
 ) -> None:
     """Write the plan as another quantizer's config (README: 'Use your plan with ...')."""
     from .export import export_plan
@@ -266,13 +340,15 @@ def export_cmd(
 @app.command("import")
 @_user_errors
 def import_cmd(
-    config: Path = typer.Argument(..., help="GPTQModel quantize_config, compressed-tensors config or AutoRound layer_config (JSON)."),
-    model: Path = typer.Option(..., "--model", help="The model the config quantizes."),
-    output: Path = typer.Option(..., "--output", "-o", help="Plan JSON to write."),
-    scores: Optional[Path] = typer.Option(None, "--scores", help="Error table to fill in predicted errors."),
+    config: Annotated[Path, typer.Argument(help="GPTQModel quantize_config, compressed-tensors config or AutoRound "
+                                                "layer_config (JSON).")],
+    model: Annotated[Path, typer.Option("--model", help="The model the config quantizes.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Plan JSON to write.")],
+    scores: Annotated[Optional[Path], typer.Option("--scores", help="Error table to fill in predicted "
+                                                                    "errors.")] = None,
 ) -> None:
     """Read another quantizer's config into a plan (exact bits per tensor)."""
-    from .importer import import_config
+    from .api import import_config
     from .plan import check_writable
 
     check_writable(output)
@@ -284,30 +360,32 @@ def import_cmd(
 @app.command("diff")
 @_user_errors
 def diff_cmd(
-    a: Path = typer.Argument(..., help="First plan."),
-    b: Path = typer.Argument(..., help="Second plan."),
-    scores: Optional[Path] = typer.Option(None, "--scores", help="Error table: show each plan's predicted error."),
+    a: Annotated[Path, typer.Argument(help="First plan.")],
+    b: Annotated[Path, typer.Argument(help="Second plan.")],
+    scores: Annotated[Optional[Path], typer.Option("--scores", help="Error table: show each plan's predicted "
+                                                                    "error.")] = None,
 ) -> None:
     """Per-layer differences, bpp and predicted error of two plans of one model."""
-    from .diff import diff_plans
+    from .api import load_scores
     from .plan import Plan
-    from .scores import ErrorTable
+    from .report.diff import diff_plans
 
-    table = ErrorTable.load(scores) if scores is not None else None
+    table = load_scores(scores) if scores is not None else None
     typer.echo(diff_plans(Plan.load(a), Plan.load(b), table, (a.name, b.name)))
 
 
 @app.command("report")
 @_user_errors
 def report_cmd(
-    plans: list[Path] = typer.Argument(..., help="One plan, or several plans of one model for a frontier plot."),
-    png: Path = typer.Option(..., "--png", help="Image to write."),
+    plans: Annotated[list[Path], typer.Argument(help="One plan, or several plans of one model for a frontier plot.")],
+    png: Annotated[Path, typer.Option("--png", help="Image to write.")],
 ) -> None:
     """One plan: heatmap of bits by layer x role (and expert), histogram, target vs achieved.
     Several plans: their predicted error against achieved bpp (the frontier)."""
-    from .frontier import FrontierPoint, frontier_png
+    from .api import FrontierPoint
     from .plan import Plan, atomic_write_bytes, check_writable
-    from .report import render
+    from .report.frontier import frontier_png
+    from .report.plan_png import render
 
     check_writable(png)
     loaded = [Plan.load(p) for p in plans]

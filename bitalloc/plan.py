@@ -27,6 +27,7 @@ from .errors import OutputError, PlanError
 PLAN_FORMAT = "bitalloc.plan"
 PLAN_VERSION = 1  # bump only with a migration in Plan.load; readers refuse other versions
 LOCKED_BITS = 16
+SLAB_WIDTH = 128  # input columns per slab: the unit of --granularity slab and of error tables' slab rows
 SCHEMA_PATH = Path(__file__).with_name("plan.schema.json")
 
 

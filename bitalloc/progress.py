@@ -20,10 +20,6 @@ class Tracker:
             return Task(None, None)
         return Task(self._progress, self._progress.add_task(description, total=total))
 
-    def log(self, message: str) -> None:
-        if self._progress is not None:
-            self._progress.console.print(message)
-
 
 class Task:
     def __init__(self, progress: Optional[Progress], task_id):

@@ -152,14 +152,32 @@ def heldout_file(tmp_path_factory) -> Path:
 def llama_scores(tiny_llama, calib_file):
     import bitalloc
 
-    return bitalloc.compute_scores(tiny_llama, calib_file, calib_tokens=512, seqlen=128)
+    return bitalloc.compute_scores(tiny_llama, calib_file, bitalloc.CalibrationConfig(tokens=512, seqlen=128))
 
 
 @pytest.fixture(scope="session")
 def moe_scores(tiny_moe, calib_file):
     import bitalloc
 
-    return bitalloc.compute_scores(tiny_moe, calib_file, calib_tokens=512, seqlen=128)
+    return bitalloc.compute_scores(tiny_moe, calib_file, bitalloc.CalibrationConfig(tokens=512, seqlen=128))
+
+
+def png_pixels(data: bytes):
+    """The decoded RGB pixels of a PNG, [height, width, 3] floats in [0, 1] (checks the signature first)."""
+    import io
+
+    import matplotlib.image
+
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    return matplotlib.image.imread(io.BytesIO(data), format="png")[..., :3]
+
+
+def ink(pixels, box=(0.2, 0.8)) -> float:
+    """Share of non-white pixels in the central box (as fractions of height and width): 0 for a blank plot area."""
+    h, w = pixels.shape[:2]
+    lo, hi = box
+    area = pixels[int(h * lo):int(h * hi), int(w * lo):int(w * hi)]
+    return float((area.min(-1) < 0.95).mean())
 
 
 def pytest_collection_modifyitems(config, items):

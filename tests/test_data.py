@@ -5,7 +5,7 @@ import lzma
 import numpy as np
 import pytest
 
-from bitalloc.data import calibration_windows, eval_windows, read_text
+from bitalloc.model.calib import calibration_windows, eval_windows, read_text
 from bitalloc.errors import CalibrationError
 
 

@@ -5,6 +5,7 @@ import json
 import pytest
 
 import bitalloc
+from bitalloc.api import CalibrationConfig, SolveConfig
 from bitalloc.errors import ConstraintError, PlanError
 from bitalloc.plan import Candidate, Plan
 
@@ -25,9 +26,9 @@ def wide_llama(tmp_path_factory):
 
 
 def test_slab_plans_are_exact_and_no_worse(wide_llama, calib_file, heldout_file, tmp_path):
-    scores = bitalloc.compute_scores(wide_llama, calib_file, calib_tokens=512, seqlen=128)
+    scores = bitalloc.compute_scores(wide_llama, calib_file, CalibrationConfig(tokens=512, seqlen=128))
     tensor = bitalloc.allocate(wide_llama, "3.0", scores=scores)
-    slab = bitalloc.allocate(wide_llama, "3.0", scores=scores, granularity="slab")
+    slab = bitalloc.allocate(wide_llama, "3.0", scores=scores, solve=SolveConfig(granularity="slab"))
     assert slab.solver.granularity == "slab" and slab.solver.status == "optimal"
     assert slab.solver.objective <= tensor.solver.objective * (1 + 1e-9)
     assert slab.budget.achieved_bpp <= 3.0
@@ -55,7 +56,7 @@ def test_broken_segments_are_refused(tiny_llama, llama_scores, tmp_path):
 
 def test_expert_granularity_ties_each_expert(tiny_moe, moe_scores):
     tensor = bitalloc.allocate(tiny_moe, "3.0", scores=moe_scores)
-    expert = bitalloc.allocate(tiny_moe, "3.0", scores=moe_scores, granularity="expert")
+    expert = bitalloc.allocate(tiny_moe, "3.0", scores=moe_scores, solve=SolveConfig(granularity="expert"))
     assert expert.solver.objective >= tensor.solver.objective * (1 - 1e-9)
     by_expert = {}
     for e in expert.entries:
@@ -67,4 +68,5 @@ def test_expert_granularity_ties_each_expert(tiny_moe, moe_scores):
 def test_slab_needs_groups_that_fit(tiny_llama, llama_scores):
     cands = [Candidate(bits=b, group_size=256) for b in (2, 4)]
     with pytest.raises(ConstraintError, match="divide 128"):
-        bitalloc.allocate(tiny_llama, "3.0", scores=llama_scores, candidates=cands, granularity="slab")
+        bitalloc.allocate(tiny_llama, "3.0", scores=llama_scores, calibration=CalibrationConfig(candidates=tuple(cands)),
+                          solve=SolveConfig(granularity="slab"))

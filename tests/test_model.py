@@ -7,13 +7,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from bitalloc.data import calibration_windows, tokenize
-from bitalloc.eval import perplexity
+from bitalloc.model.calib import calibration_windows, tokenize
+from bitalloc.api.evaluation import evaluate
 from bitalloc.model.checkpoint import Checkpoint
 from bitalloc.model.inventory import build_inventory
 from bitalloc.plan import DEFAULT_CANDIDATES, Role
 from bitalloc.rounding import rtn_error
-from bitalloc.sensitivity import measure_errors
+from bitalloc.sensitivity.collect import measure_errors
 
 
 def test_dense_inventory(tiny_llama):
@@ -55,7 +55,7 @@ def _reference_loss(path, ids):
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_moe", "tiny_moe_fused"])
 def test_layerwise_eval_matches_transformers(name, heldout_file, request):
     path = request.getfixturevalue(name)
-    r = perplexity(Checkpoint(path), heldout_file, tokens=512, seqlen=128)
+    r = evaluate(Checkpoint(path), heldout_file, tokens=512, seqlen=128)
     ids = torch.from_numpy(tokenize(path, heldout_file)[:512].reshape(4, 128))
     assert r.loss == pytest.approx(_reference_loss(path, ids), rel=1e-5)
 
@@ -144,7 +144,7 @@ def test_at_most_one_decoder_layer_is_materialised(tiny_moe, calib_file, heldout
     ckpt = Checkpoint(tiny_moe)
     ids = calibration_windows(tokenize(tiny_moe, calib_file), 256, 128, seed=0)
     table = measure_errors(ckpt, build_inventory(ckpt), ids, list(DEFAULT_CANDIDATES))
-    perplexity(ckpt, heldout_file, tokens=256, seqlen=128)
+    evaluate(ckpt, heldout_file, tokens=256, seqlen=128)
     # forward + backward passes, one partial forward per sampled truth of `combined`, then evaluation
     truths = table.meta["combined"]["sample_points"]
     assert 2 * 2 + truths + 2 <= len(seen) <= 2 * 2 + 2 * truths + 2
@@ -159,9 +159,9 @@ def test_other_dense_architectures(arch, tmp_path, heldout_file):
     assert len(inv.quantized) == 2 * 7
     if arch == "qwen2":  # q/k/v biases stay in full precision
         assert {u.reason for u in inv.units if u.role == Role.bias} == {"bias"}
-    r = perplexity(Checkpoint(path), heldout_file, bits=4, tokens=256, seqlen=128)
+    r = evaluate(Checkpoint(path), heldout_file, bits=4, tokens=256, seqlen=128)
     ids = torch.from_numpy(tokenize(path, heldout_file)[:256].reshape(2, 128))
-    unquantized = perplexity(Checkpoint(path), heldout_file, tokens=256, seqlen=128)
+    unquantized = evaluate(Checkpoint(path), heldout_file, tokens=256, seqlen=128)
     assert unquantized.loss == pytest.approx(_reference_loss(path, ids), rel=1e-5)
     assert r.loss != unquantized.loss
 

@@ -8,14 +8,15 @@ import jsonschema
 import pytest
 
 import bitalloc
+from bitalloc.api import CalibrationConfig
 from bitalloc.errors import PlanError
 from bitalloc.plan import SCHEMA_PATH, Plan, json_schema
-from bitalloc.scores import ErrorTable
+from bitalloc.sensitivity.table import ErrorTable
 
 
 @pytest.fixture(scope="module")
 def plan(tiny_moe, calib_file, tmp_path_factory) -> Plan:
-    table = bitalloc.compute_scores(tiny_moe, calib_file, calib_tokens=512, seqlen=128)
+    table = bitalloc.compute_scores(tiny_moe, calib_file, CalibrationConfig(tokens=512, seqlen=128))
     path = tmp_path_factory.mktemp("t") / "s.safetensors"
     table.save(path)
     return bitalloc.allocate(tiny_moe, budget="2.75bpp", scores=path)
@@ -95,7 +96,7 @@ def test_refuses_duplicate_tensor(plan, tmp_path):
 
 
 def test_error_table_round_trip(tiny_llama, calib_file, tmp_path):
-    t = bitalloc.compute_scores(tiny_llama, calib_file, calib_tokens=256, seqlen=128)
+    t = bitalloc.compute_scores(tiny_llama, calib_file, CalibrationConfig(tokens=256, seqlen=128))
     t.save(tmp_path / "t.safetensors")
     u = ErrorTable.load(tmp_path / "t.safetensors")
     assert u.tensors == t.tensors and u.candidates == t.candidates and u.meta == t.meta

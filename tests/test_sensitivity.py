@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from bitalloc.data import calibration_windows, tokenize
+from bitalloc.model.calib import calibration_windows, tokenize
 from bitalloc.model.checkpoint import Checkpoint
 from bitalloc.model.inventory import build_inventory
 from bitalloc.plan import DEFAULT_CANDIDATES, Candidate

@@ -82,12 +82,6 @@ def relax(problem: Problem) -> Relaxation:
     return Relaxation(lam=float(lam), bound=float(value), choice=choice)
 
 
-def dual_value(problem: Problem, lam: float) -> float:
-    """L(lambda): a lower bound on the optimum for any lambda >= 0."""
-    penal = np.where(problem.allowed, problem.cost + lam * problem.bits, np.inf)
-    return float(penal.min(1).sum() - lam * problem.budget_bits)
-
-
 def reduced_costs(problem: Problem, lam: float) -> np.ndarray:
     """rc[g, c] = e_gc + lam*bits_gc - min_c'(...); any solution using (g, c) costs >= L(lam) + rc[g, c]."""
     penal = np.where(problem.allowed, problem.cost + lam * problem.bits, np.inf)

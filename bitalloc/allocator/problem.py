@@ -10,12 +10,12 @@ constraint.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import numpy as np
 
-from ..budget import SCALE_BITS, ZERO_BITS, Budget
+from ..budget import Budget, tensor_bits
 from ..errors import BudgetError, ConstraintError
 from ..plan import Candidate
 
@@ -34,7 +34,7 @@ class Problem:
     members: list[list[int]]  # unit indices per group
     cost: np.ndarray  # [G, C] float, predicted loss increase
     bits: np.ndarray  # [G, C] int64, exact storage
-    budget_bits: int
+    budget_bits: int  # set by with_budget
     counted_params: int
     unit_names: list[str]
     numel: np.ndarray  # [G] parameters per group
@@ -68,6 +68,25 @@ class Problem:
             out[us] = choice[g]
         return out
 
+    def with_errors(self, unit_errors: np.ndarray) -> "Problem":
+        """The same problem with per-unit [U, C] errors (columns in ``self.candidates``' order)."""
+        cost = np.stack([unit_errors[m].sum(0) for m in self.members]) if self.members else np.zeros((0, len(self.candidates)))
+        return replace(self, cost=cost)
+
+    def with_budget(self, budget: Budget) -> "Problem":
+        """The same problem under ``budget``; refuses a budget outside what the allowed candidates reach."""
+        params = self.counted_params
+        budget_bits = budget.total_bits(params)
+        lo = int(np.where(self.allowed, self.bits, np.iinfo(np.int64).max).min(1).sum())
+        hi = int(np.where(self.allowed, self.bits, -1).max(1).sum())
+        if budget_bits < lo:
+            raise BudgetError(f"budget {budget.text} ({budget_bits / params:.4f} bpp) is below the cheapest assignment "
+                              f"allowed ({lo / params:.4f} bpp); raise the budget, add cheaper candidates or relax pins")
+        if budget_bits > hi + params * 1e-6:
+            raise BudgetError(f"budget {budget.text} ({budget_bits / params:.4f} bpp) is above the richest assignment "
+                              f"allowed ({hi / params:.4f} bpp); lower it or add richer candidates")
+        return replace(self, budget_bits=min(budget_bits, hi))
+
     def cheapest(self) -> np.ndarray:
         """Per group, the allowed candidate with the least storage."""
         return np.where(self.allowed, self.bits, np.iinfo(np.int64).max).argmin(1)
@@ -93,18 +112,21 @@ class Assignment:
         return max(0.0, self.objective - self.bound) / max(abs(self.objective), 1e-30)
 
 
-def build_problem(unit_names: Sequence[str], shapes: Sequence[Sequence[int]], errors: np.ndarray,
-                  candidates: Sequence[Candidate], tie_groups: Sequence[Sequence[str]], budget: Budget,
+def build_problem(unit_names: Sequence[str], shapes: Sequence[Sequence[int]], errors: Optional[np.ndarray],
+                  candidates: Sequence[Candidate], tie_groups: Sequence[Sequence[str]], budget: Optional[Budget],
                   allowed: Optional[np.ndarray] = None, time_per_param: Optional[Sequence[float]] = None,
                   time_budget: Optional[float] = None) -> Problem:
     """Collapse ties, price every candidate exactly, and check that the budget is reachable.
 
-    ``allowed`` is a per-unit [U, C] mask (pins, bounds); ``time_per_param`` a per-candidate cost
-    of the secondary resource, multiplied by each unit's parameter count.
+    ``errors`` is a per-unit [U, C] array in ``candidates``' order (None: all zero, for checking a
+    budget before the errors are known); ``allowed`` a per-unit [U, C] mask (pins, bounds);
+    ``time_per_param`` a per-candidate cost of the secondary resource, multiplied by each unit's
+    parameter count. ``budget`` None gives the structure alone (no budget yet, ``budget_bits`` 0).
+    The same problem at another budget is :meth:`Problem.with_budget`, with other
+    errors :meth:`Problem.with_errors`: the structure is built once.
     """
     order = sorted(range(len(candidates)), key=lambda j: (candidates[j].bpp, candidates[j].bits))
     cands = [candidates[j] for j in order]
-    errors = np.asarray(errors, dtype=np.float64)[:, order]
     unit_allowed = np.ones((len(unit_names), len(cands)), bool) if allowed is None else np.asarray(allowed, bool)[:, order]
     index = {n: i for i, n in enumerate(unit_names)}
     grouped: set[int] = set()
@@ -122,10 +144,9 @@ def build_problem(unit_names: Sequence[str], shapes: Sequence[Sequence[int]], er
     rows = np.array([int(np.prod(s[:-1])) for s in shapes], dtype=np.int64)
     cols = np.array([int(s[-1]) for s in shapes], dtype=np.int64)
     numel = rows * cols
-    unit_bits = np.stack([storage_bits(rows, cols, c) for c in cands], axis=1) if len(shapes) else \
-        np.zeros((0, len(cands)), np.int64)
     C = len(cands)
-    cost = np.stack([errors[m].sum(0) for m in members]) if members else np.zeros((0, C))
+    unit_bits = np.stack([tensor_bits(rows, cols, c.bits, c.group_size) for c in cands], axis=1) if len(shapes) else \
+        np.zeros((0, C), np.int64)
     bits = np.stack([unit_bits[m].sum(0) for m in members]) if members else np.zeros((0, C), np.int64)
     ok = np.stack([unit_allowed[m].all(0) for m in members]) if members else np.zeros((0, C), bool)
     for g, m in enumerate(members):
@@ -135,25 +156,13 @@ def build_problem(unit_names: Sequence[str], shapes: Sequence[Sequence[int]], er
     params = int(numel.sum())
     if params == 0:
         raise BudgetError("no tensor is left to quantize (everything is locked)")
-    budget_bits = budget.total_bits(params)
-    lo = int(np.where(ok, bits, np.iinfo(np.int64).max).min(1).sum())
-    hi = int(np.where(ok, bits, -1).max(1).sum())
-    if budget_bits < lo:
-        raise BudgetError(f"budget {budget.text} ({budget_bits / params:.4f} bpp) is below the cheapest assignment "
-                          f"allowed ({lo / params:.4f} bpp); raise the budget, add cheaper candidates or relax pins")
-    if budget_bits > hi + params * 1e-6:
-        raise BudgetError(f"budget {budget.text} ({budget_bits / params:.4f} bpp) is above the richest assignment "
-                          f"allowed ({hi / params:.4f} bpp); lower it or add richer candidates")
     time = None
     if time_per_param is not None:
         per = np.asarray(time_per_param, dtype=np.float64)[order]
         time = np.stack([per * numel[m].sum() for m in members])
     group_numel = np.array([numel[m].sum() for m in members], dtype=np.int64)
-    return Problem(cands, names, members, cost, bits, min(budget_bits, hi), params, list(unit_names), group_numel, ok,
-                   time, time_budget)
-
-
-def storage_bits(rows: np.ndarray, cols: np.ndarray, c: Candidate) -> np.ndarray:
-    """Vectorised :func:`bitalloc.budget.tensor_bits` for many tensors at one candidate."""
-    groups = rows * -(-cols // c.group_size)
-    return rows * cols * c.bits + groups * (SCALE_BITS + ZERO_BITS)
+    structure = Problem(cands, names, members, np.zeros((len(members), C)), bits, 0, params, list(unit_names),
+                        group_numel, ok, time, time_budget)
+    unit_errors = np.zeros((len(unit_names), C)) if errors is None else np.asarray(errors, dtype=np.float64)[:, order]
+    problem = structure.with_errors(unit_errors)
+    return problem if budget is None else problem.with_budget(budget)

@@ -1,7 +1,7 @@
 """Exporters and importers: plans to and from the configs other quantizers read.
 
-``export_plan(plan, fmt)`` returns the file text for one format; ``import_config(path, model)``
-reads a GPTQModel, compressed-tensors or AutoRound config back into a plan, so existing
+``export_plan(plan, fmt)`` returns the file text for one format, through the :data:`EXPORTERS`
+registry; ``bitalloc.api.importer.import_config(path, model)`` reads a GPTQModel, compressed-tensors or AutoRound config back into a plan, so existing
 quantizations can be compared (``bitalloc diff``). Each exporter refuses, with a one-line reason,
 what its target cannot express (column segments, tie groups split by the plan).
 """
@@ -10,46 +10,69 @@ from __future__ import annotations
 
 import json
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from ..errors import PlanError
-from ..plan import Plan
+from ..plan import Candidate, Plan
 from . import autoround, compressed_tensors, gptqmodel, llamacpp, torchao
 
-FORMATS = ("gptqmodel", "compressed-tensors", "llmcompressor-recipe", "llamacpp", "autoround", "torchao")
+
+def _gptqmodel(plan: Plan) -> Exported:
+    return _json(gptqmodel.export(plan)), []
 
 
-def export_plan(plan: Plan, fmt: str) -> tuple[str, list[str]]:
-    """(file text, notes for the user) for ``fmt``."""
-    notes: list[str] = []
-    if fmt == "gptqmodel":
-        return _json(gptqmodel.export(plan)), notes
-    if fmt == "compressed-tensors":
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            cfg = compressed_tensors.export(plan)
-        compressed_tensors.validate(cfg, plan)
-        return _json({"quantization_config": cfg}), [str(w.message) for w in caught]
-    if fmt == "llmcompressor-recipe":
-        return compressed_tensors.recipe(plan), notes
-    if fmt == "llamacpp":
-        out = llamacpp.export(plan)
-        notes = out.changes + [f"predicted GGUF size {out.predicted_bytes / 1e6:.2f} MB",
-                               "run: " + out.command("<this file>")]
-        return out.text, notes
-    if fmt == "autoround":
-        return _json(autoround.export(plan)), notes
-    if fmt == "torchao":
-        return _json(torchao.export(plan)), notes
-    raise PlanError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+def _compressed_tensors(plan: Plan) -> Exported:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = compressed_tensors.export(plan)
+    compressed_tensors.validate(cfg, plan)
+    return _json({"quantization_config": cfg}), [str(w.message) for w in caught]
+
+
+def _llmcompressor_recipe(plan: Plan) -> Exported:
+    return compressed_tensors.recipe(plan), []
+
+
+def _llamacpp(plan: Plan) -> Exported:
+    out = llamacpp.export(plan)
+    return out.text, out.changes + [f"predicted GGUF size {out.predicted_bytes / 1e6:.2f} MB",
+                                    "run: " + out.command("<this file>")]
+
+
+def _autoround(plan: Plan) -> Exported:
+    return _json(autoround.export(plan)), []
+
+
+def _torchao(plan: Plan) -> Exported:
+    return _json(torchao.export(plan)), []
+
+
+Exported = tuple[str, list[str]]  # (file text, notes for the user)
+EXPORTERS: dict[str, Callable[[Plan], Exported]] = {
+    "gptqmodel": _gptqmodel, "compressed-tensors": _compressed_tensors, "llmcompressor-recipe": _llmcompressor_recipe,
+    "llamacpp": _llamacpp, "autoround": _autoround, "torchao": _torchao,
+}
+FORMATS = tuple(EXPORTERS)
+
+
+def export_plan(plan: Plan, fmt: str) -> Exported:
+    """(file text, notes for the user) for ``fmt``, one of :data:`FORMATS`."""
+    exporter = EXPORTERS.get(fmt)
+    if exporter is None:
+        raise PlanError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return exporter(plan)
 
 
 def _json(obj: Any) -> str:
     return json.dumps(obj, indent=1) + "\n"
 
 
-def detect(config: Any) -> tuple[str, dict, Callable]:
-    """(format name, the config itself, its resolver) for a loaded JSON document."""
+def detect(config: Any) -> tuple[str, dict, Resolver]:
+    """(format name, the config itself, its resolver) for a loaded JSON document.
+
+    A resolver maps (config, module name, the module's input width) to the module's choice, or None
+    when the config leaves it unquantized; per-channel scales become a group of the whole input width.
+    """
     if not isinstance(config, dict):
         raise PlanError("not a quantization config (expected a JSON object)")
     if isinstance(config.get("quantization_config"), dict):
@@ -62,3 +85,6 @@ def detect(config: Any) -> tuple[str, dict, Callable]:
         return "autoround", config, autoround.resolve
     raise PlanError("unrecognised config: expected a GPTQModel quantize_config, a compressed-tensors "
                     "quantization_config or an AutoRound layer_config")
+
+
+Resolver = Callable[[dict, str, int], Optional[Candidate]]

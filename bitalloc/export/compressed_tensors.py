@@ -82,7 +82,8 @@ def validate(config: dict[str, Any], plan: Plan) -> None:
             raise PlanError(f"{e.module}: group {hits[0]} gives {w.num_bits} bits g{w.group_size}, plan {e.bits}")
 
 
-def resolve(config: dict[str, Any], module: str) -> Candidate | None:
+def resolve(config: dict[str, Any], module: str, in_features: int) -> Candidate | None:
+    """The choice ``config`` gives ``module``: integer weights by group or by channel (one group per row)."""
     import torch
     from compressed_tensors.quantization import QuantizationConfig
     from compressed_tensors.utils.match import is_match
@@ -91,8 +92,15 @@ def resolve(config: dict[str, Any], module: str) -> Candidate | None:
     linear = torch.nn.Linear(1, 1, device="meta")
     if is_match(module, linear, parsed.ignore or []):
         return None
-    for g in parsed.config_groups.values():
+    for name, g in parsed.config_groups.items():
         if is_match(module, linear, g.targets):
             w = g.weights
-            return Candidate(bits=w.num_bits, group_size=w.group_size or 128, symmetric=w.symmetric)
+            if w is None:
+                return None
+            strategy = str(getattr(w.strategy, "value", w.strategy))
+            if str(getattr(w.type, "value", w.type)) != "int" or strategy not in ("group", "channel"):
+                raise PlanError(f"config group {name}: {w.type} weights with strategy {strategy} cannot be priced as "
+                                "integer codes with per-group scales; bitalloc imports int group/channel schemes")
+            group = w.group_size if strategy == "group" and w.group_size else in_features
+            return Candidate(bits=w.num_bits, group_size=group, symmetric=w.symmetric)
     return None

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import PlanError
 from ..plan import Candidate, Plan
-from .rules import check_fusable, base_choice, compile_rules, locked_linear_modules
+from .rules import base_choice, check_fusable, compile_rules, group_of, locked_linear_modules
 
 TOOL = "GPTQModel dynamic"
 
@@ -32,10 +32,12 @@ def export(plan: Plan) -> dict[str, Any]:
             "quant_method": "gptq", "checkpoint_format": "gptq", "dynamic": dynamic}
 
 
-def resolve(config: dict[str, Any], module: str) -> Candidate | None:
-    """The choice GPTQModel gives ``module`` under ``config``: None when excluded by a ``-:`` rule."""
+def resolve(config: dict[str, Any], module: str, in_features: int) -> Candidate | None:
+    """The choice GPTQModel gives ``module`` under ``config``: None when excluded by a ``-:`` rule.
+
+    ``group_size`` -1 is GPTQModel's per-channel setting: one group spanning the ``in_features`` inputs."""
     try:
-        base = Candidate(bits=int(config["bits"]), group_size=int(config.get("group_size", 128)),
+        base = Candidate(bits=int(config["bits"]), group_size=group_of(config.get("group_size", 128), in_features),
                          symmetric=bool(config.get("sym", True)))
         rules = dict(config.get("dynamic") or {})
     except (KeyError, TypeError, ValueError):
@@ -49,6 +51,6 @@ def resolve(config: dict[str, Any], module: str) -> Candidate | None:
             continue
         if re.match(p.removeprefix("+:"), module):
             return Candidate(bits=int(override.get("bits", base.bits)),
-                             group_size=int(override.get("group_size", base.group_size)),
+                             group_size=group_of(override.get("group_size", base.group_size), in_features),
                              symmetric=bool(override.get("sym", base.symmetric)))
     return base

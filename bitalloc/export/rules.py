@@ -117,3 +117,10 @@ def _check_disjoint(rules: list[Rule], choices: dict[str, Candidate]) -> None:
         if len(hits) > 1 or (hits and hits[0].choice != choice):
             raise PlanError(f"cannot express {module} unambiguously: rules {[r.pattern for r in hits]}; "
                             "a tie group whose members got different widths?")
+
+
+def group_of(value: object, in_features: int) -> int:
+    """A config's group size for a module: -1 or null is per channel, one group over all ``in_features`` inputs."""
+    if value is None or int(value) == -1:
+        return in_features
+    return int(value)

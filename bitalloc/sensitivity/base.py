@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..plan import Candidate
-from ..scores import SLAB_WIDTH
+from .table import SLAB_WIDTH
 
 
 @dataclass

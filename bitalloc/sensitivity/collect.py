@@ -8,8 +8,8 @@ gradient is exact. While a layer is materialised, forward hooks accumulate each 
 second moment H, and every sequence's gradient updates the unit's gradient statistics
 (:class:`GradStats`). Then each unit's :class:`~.base.UnitContext` goes to every family in
 ``FAMILIES``, and the layer is released. MoE experts see only their routed tokens (counted); an
-expert no calibration token reached gets the mean per-parameter error of its layer-and-role
-peers. Finally ``combined`` calibrates the families against a measured sample.
+expert no calibration token reached gets the mean per-parameter error of its routed peers
+(``_Results.fill_unrouted_experts``). Finally ``combined`` calibrates the families against a measured sample.
 """
 
 from __future__ import annotations
@@ -24,14 +24,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import CalibrationError
 from ..model.checkpoint import Checkpoint
 from ..model.inventory import Inventory, Unit
-from ..model.layerwise import (EXPERT_ROLES, ActivationStore, LayerwiseModel, expert_slice, unit_param, unit_slice,
-                               unit_view)
+from ..model.hooks import InputStats
+from ..model.layerwise import ActivationStore, LayerwiseModel, unit_param, unit_slice, unit_view
 from ..plan import Candidate, Role
 from ..progress import SILENT, Tracker
 from ..rounding.rtn import rtn_error
-from ..scores import DEFAULT_SCORE, SLAB_WIDTH, ErrorTable
+from .table import DEFAULT_SCORE, SLAB_WIDTH, ErrorTable
 from . import combined, gradient, hessian, importance, spectral
 from .base import UnitContext, slab_sums_torch
 from .truth import TruthRunner
@@ -39,6 +40,7 @@ from .truth import TruthRunner
 FAMILIES = {"hessian": hessian, "spectral": spectral, "importance": importance, "gradient": gradient}
 FORMULAS = {name: formula for fam in FAMILIES.values() for name, formula in fam.PREDICTORS.items()}
 FORMULAS["combined"] = combined.FORMULA
+SCORE_NAMES = tuple(FORMULAS)
 FORWARD_BATCH = 8  # sequences per forward call; bounds activation memory inside a layer
 STATS_BUDGET = 16 * 2**30  # bytes of per-unit gradient statistics held at once (see stat_groups)
 
@@ -74,83 +76,6 @@ class GradStats:
         self.sketch += other.sketch
 
 
-SAME_INPUT = {Role.attn_q: "attn_in", Role.attn_k: "attn_in", Role.attn_v: "attn_in", Role.mlp_gate: "mlp_in",
-              Role.mlp_up: "mlp_in", Role.shared_gate: "shared_in", Role.shared_up: "shared_in",
-              Role.expert_gate: "expert_in", Role.expert_up: "expert_in"}
-
-
-def input_key(u: Unit) -> str:
-    """Units that read the same input (q/k/v; gate/up, per expert) share one H."""
-    return f"{u.layer}.{SAME_INPUT[u.role]}.{u.expert}" if u.role in SAME_INPUT else u.tensor
-
-
-class _Inputs:
-    """Forward hooks on a materialised layer: H = sum x^T x and token counts per input (routed for experts)."""
-
-    def __init__(self, layer: nn.Module, units: list[Unit]):
-        self.key = {u.tensor: input_key(u) for u in units}
-        self._h: dict[str, torch.Tensor] = {}
-        self._tokens: dict[str, int] = defaultdict(int)
-        self.hooks = []
-        params = dict(layer.named_parameters())
-        modules: dict[str, str] = {}  # input key -> the one module hooked for it
-        expert_units: list[Unit] = []
-        for u in units:
-            if u.role in EXPERT_ROLES and u.local not in params:
-                expert_units.append(u)
-            else:
-                modules.setdefault(self.key[u.tensor], u.module.split(f".{u.layer}.", 1)[1])
-        for key, local_module in modules.items():
-            self.hooks.append(layer.get_submodule(local_module).register_forward_hook(self._linear_hook(key)))
-        if expert_units:
-            experts = layer.get_submodule("mlp.experts")
-            self.hooks.append(experts.register_forward_hook(self._experts_hook(experts, expert_units)))
-
-    def hessian(self, tensor: str) -> Optional[torch.Tensor]:
-        return self._h.get(self.key[tensor])
-
-    def tokens(self, tensor: str) -> int:
-        return self._tokens[self.key[tensor]]
-
-    def add(self, key: str, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        h = x.T @ x
-        if key in self._h:
-            self._h[key] += h
-        else:
-            self._h[key] = h
-        self._tokens[key] += x.shape[0]
-
-    def _linear_hook(self, key: str):
-        def hook(_mod, inputs, _out):
-            self.add(key, inputs[0])
-        return hook
-
-    def _experts_hook(self, experts: nn.Module, units: list[Unit]):
-        """Routed inputs per expert for transformers' fused experts (hidden, top_k_index, top_k_weights)."""
-        by_expert: dict[int, dict[Role, Unit]] = defaultdict(dict)
-        for u in units:
-            by_expert[u.expert][u.role] = u
-
-        def hook(_mod, inputs, _out):
-            hidden, index = inputs[0].detach(), inputs[1]
-            with torch.no_grad():
-                for e, role in by_expert.items():
-                    x = hidden[(index == e).any(-1).nonzero().flatten()]
-                    up_in = role.get(Role.expert_gate) or role.get(Role.expert_up)
-                    if up_in is not None:
-                        self.add(self.key[up_in.tensor], x)
-                    if Role.expert_down in role:
-                        gate = expert_slice(experts.gate_up_proj.data, experts, Role.expert_gate, e)
-                        up = expert_slice(experts.gate_up_proj.data, experts, Role.expert_up, e)
-                        self.add(self.key[role[Role.expert_down].tensor], experts.act_fn(x @ gate.T) * (x @ up.T))
-        return hook
-
-    def close(self) -> None:
-        for h in self.hooks:
-            h.remove()
-
-
 class _Results:
     """Family outputs gathered per unit row, assembled into an ErrorTable at the end."""
 
@@ -181,17 +106,31 @@ class _Results:
         return {k: np.stack([s.sum(0) for s in v]) for k, v in self.errors.items()}
 
     def fill_unrouted_experts(self) -> None:
-        """Experts that received no calibration token get their layer-and-role mean error per parameter."""
-        peers: dict[tuple, list[int]] = defaultdict(list)
+        """Experts that received no calibration token get the mean error per parameter of routed peers.
+
+        Peers are the routed experts of the same layer and role; when no expert of that layer got a
+        token (possible with short calibration text and many experts), the routed experts of that role
+        in every layer. Either way a warning names the expert: its error is an estimate, not a
+        measurement. With no routed expert of the role anywhere, there is nothing to estimate from and
+        the pass stops (a zero error would hand the expert the cheapest width for free).
+        """
+        same_layer: dict[tuple, list[int]] = defaultdict(list)
+        same_role: dict[Role, list[int]] = defaultdict(list)
         for r, u in enumerate(self.units):
             if u.expert is not None and self.tokens[r] > 0:
-                peers[(u.layer, u.role)].append(r)
+                same_layer[(u.layer, u.role)].append(r)
+                same_role[u.role].append(r)
         for r, u in enumerate(self.units):
-            ref = peers.get((u.layer, u.role))
-            if u.expert is None or self.tokens[r] > 0 or not ref:
+            if u.expert is None or self.tokens[r] > 0:
                 continue
+            ref, where = same_layer.get((u.layer, u.role)), f"layer {u.layer}"
+            if not ref:
+                ref, where = same_role.get(u.role), f"all layers ({u.role.value})"
+            if not ref:
+                raise CalibrationError(f"no calibration token was routed to any {u.role.value} expert; "
+                                       "give more calibration text (--calib-tokens)")
             warnings.warn(f"{u.tensor}: no calibration token was routed to this expert; using the mean error of "
-                          f"the {len(ref)} routed experts of layer {u.layer}", stacklevel=3)
+                          f"the {len(ref)} routed experts of {where}", stacklevel=3)
             for arrays in self.errors.values():
                 arrays[r] = np.mean([arrays[k] / self.units[k].numel for k in ref], axis=0) * u.numel
 
@@ -268,7 +207,7 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
         for i in reversed(range(lm.num_layers)):
             layer = lm.load_layer(i)
             layer_units = by_layer.get(i, [])
-            inputs = _Inputs(layer, layer_units)
+            inputs = InputStats(layer, layer_units)
             params = dict(layer.named_parameters())
             zd = _layer_zd([unit_view(layer, u) for u in layer_units])
             groups = stat_groups(layer_units, len(candidates), stats_budget)

@@ -14,15 +14,17 @@ from typing import Optional
 
 import numpy as np
 
-from .allocator import build_problem, greedy_marginal
-from .api import build_plan
-from .budget import Budget, tensor_bits
-from .errors import PlanError
-from .export import detect
-from .model.checkpoint import Checkpoint
-from .model.inventory import build_inventory
-from .plan import Plan
-from .scores import ErrorTable
+from ..allocator import greedy_marginal
+from ..budget import Budget, tensor_bits
+from ..errors import PlanError
+from ..export import detect
+from ..model.checkpoint import Checkpoint
+from ..model.inventory import build_inventory
+from ..plan import Plan
+from ..sensitivity.table import ErrorTable
+from .allocate import build_plan
+from .config import SolveConfig
+from .context import ModelContext
 
 
 def import_config(path: str | Path, model: str | Path, scores: Optional[str | Path] = None) -> Plan:
@@ -36,34 +38,34 @@ def import_config(path: str | Path, model: str | Path, scores: Optional[str | Pa
     fmt, config, resolve = detect(doc)
     ckpt = Checkpoint(model)
     inv = build_inventory(ckpt)
-    choices = {u.tensor: resolve(config, u.module) for u in inv.quantized}
+    choices = {u.tensor: resolve(config, u.module, u.shape[-1]) for u in inv.quantized}
     units = [u if u.locked or choices[u.tensor] is not None else
              dataclasses.replace(u, locked=True, reason="excluded by the imported config") for u in inv.units]
     inv = dataclasses.replace(inv, units=units)
     quantized = inv.quantized
-    candidates = sorted({choices[u.tensor] for u in quantized}, key=lambda c: (c.bits, c.group_size, c.symmetric))
+    if not quantized:
+        raise PlanError(f"{p} quantizes no tensor of {ckpt.path}")
     by_name = {u.tensor: choices[u.tensor] for u in quantized}
+    candidates = sorted(set(by_name.values()), key=lambda c: (c.bits, c.group_size, c.symmetric))
     inv.tie_groups = [g for g in inv.tie_groups if all(m in by_name for m in g.members)
                       and len({by_name[m] for m in g.members}) == 1]
     allowed = np.array([[c == by_name[u.tensor] for c in candidates] for u in quantized])
     table = _table(scores, ckpt, candidates)
-    errors = np.array([table.errors[table.row(u.tensor)][[table.column(c) for c in candidates]]
-                       if table.has(u.tensor) else np.zeros(len(candidates)) for u in quantized])
-    names, shapes = [u.tensor for u in quantized], [u.shape for u in quantized]
-    ties = [g.members for g in inv.tie_groups]
     # price the imported choices exactly, then "solve" the problem that allows only them
-    exact_bits = _exact_bits(shapes, [by_name[n] for n in names])
+    exact_bits = sum(tensor_bits(*_matrix(u.shape), by_name[u.tensor].bits, by_name[u.tensor].group_size)
+                     for u in quantized)
     budget = Budget(exact_bits / 8, "bytes", f"{exact_bits / 8:.0f}B (as imported)")
-    problem = build_problem(names, shapes, errors, candidates, ties, budget, allowed)
+    ctx = ModelContext.from_inventory(ckpt, inv, candidates, SolveConfig(), allowed)
+    problem = ctx.with_table(ctx.problem(budget), table)
     a = dataclasses.replace(greedy_marginal(problem), solver=f"imported:{fmt}", status="imported")
-    return build_plan(ckpt, inv, problem, a, table, budget)
+    return build_plan(ctx, problem, a, table, budget)
 
 
-def _exact_bits(shapes, choices) -> int:
-    return sum(tensor_bits(int(np.prod(s[:-1])), int(s[-1]), c.bits, c.group_size) for s, c in zip(shapes, choices))
+def _matrix(shape: tuple[int, ...]) -> tuple[int, int]:
+    return int(np.prod(shape[:-1])), int(shape[-1])
 
 
-def _table(scores, ckpt: Checkpoint, candidates) -> ErrorTable:
+def _table(scores: Optional[str | Path], ckpt: Checkpoint, candidates) -> ErrorTable:
     """The score file to take predicted errors from, or an empty table when none is given."""
     if scores is not None:
         t = ErrorTable.load(scores)

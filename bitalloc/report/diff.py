@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Optional
 
-from .errors import PlanError
-from .plan import Entry, Plan
-from .scores import ErrorTable
+from ..errors import PlanError
+from ..plan import SLAB_WIDTH, Entry, Plan
+from ..sensitivity.table import ErrorTable
 
 
 def predicted(plan: Plan, table: ErrorTable) -> Optional[float]:
@@ -20,7 +20,7 @@ def predicted(plan: Plan, table: ErrorTable) -> Optional[float]:
             return None
         if e.segments:
             slabs = table.slabs(e.tensor)
-            total += sum(float(slabs[g.start // 128:(g.stop + 127) // 128, table.column(g.candidate)].sum())
+            total += sum(float(slabs[g.start // SLAB_WIDTH:-(-g.stop // SLAB_WIDTH), table.column(g.candidate)].sum())
                          for g in e.segments)
         else:
             total += float(table.errors[table.row(e.tensor), table.column(e.candidate)])

@@ -1,61 +1,42 @@
-"""The bits-vs-error frontier: every budget of a sweep solved from one error table.
-
-``sweep`` re-solves the same table for each budget (the sensitivity pass runs once), skipping
-budgets that the candidates cannot reach; ``write_frontier`` writes each plan, a CSV with one row
-per budget and a PNG of predicted error (and measured perplexity when given) against bpp.
-"""
+"""A frontier on disk: one plan per budget, a CSV with one row per budget, and a plot of predicted
+error (and measured perplexity when given) against achieved bpp."""
 
 from __future__ import annotations
 
 import csv
 import io
-import warnings
-from dataclasses import dataclass
+import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
-import numpy as np
+from matplotlib.figure import Figure
 
-from .errors import BudgetError
-from .plan import Plan, atomic_write_bytes, atomic_write_text
+from ..allocator.frontier import FrontierPoint
+from ..errors import OutputError
+from ..plan import atomic_write_bytes, atomic_write_text
 
 CSV_COLUMNS = ("target_bpp", "achieved_bpp", "predicted_error", "solver", "status", "gap", "seconds", "plan",
                "perplexity")
 
 
-@dataclass
-class FrontierPoint:
-    target_bpp: float
-    plan: Plan
-    perplexity: Optional[float] = None
-
-    @property
-    def filename(self) -> str:
-        return f"plan-{self.target_bpp:g}.json"
-
-
-def budgets(start: float, stop: float, step: float) -> list[float]:
-    if step <= 0 or stop < start:
-        raise BudgetError(f"empty sweep: --from {start} --to {stop} --step {step}")
-    n = int(np.floor((stop - start) / step + 1e-9)) + 1
-    return [round(start + i * step, 10) for i in range(n)]
-
-
-def sweep(solve_one, targets: Sequence[float]) -> list[FrontierPoint]:
-    """``solve_one(bpp) -> Plan`` for every target; unreachable budgets are skipped with a warning."""
-    points = []
-    for t in targets:
-        try:
-            points.append(FrontierPoint(t, solve_one(t)))
-        except BudgetError as exc:
-            warnings.warn(f"skipping {t:g} bpp: {exc}", stacklevel=2)
-    if not points:
-        raise BudgetError("no budget of the sweep is reachable with these candidates")
-    return points
+def check_directory(directory: Path) -> Path:
+    """Fail before the sweep's work if ``directory`` cannot hold its output."""
+    if directory.exists() and not directory.is_dir():
+        raise OutputError(f"cannot write {directory}: it exists and is not a directory")
+    parent = directory if directory.exists() else directory.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"cannot write {directory}: permission denied")
+    return directory
 
 
 def write_frontier(directory: Path, points: Sequence[FrontierPoint]) -> list[Path]:
-    directory.mkdir(parents=True, exist_ok=True)
+    """Every plan as ``plan-<bpp>.json``, ``frontier.csv`` and ``frontier.png`` in ``directory``."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {directory}: {exc.strerror}") from None
     written = [p.plan.save(directory / p.filename) for p in points]
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -72,13 +53,9 @@ def write_frontier(directory: Path, points: Sequence[FrontierPoint]) -> list[Pat
 
 def frontier_png(points: Sequence[FrontierPoint]) -> bytes:
     """Predicted error (and measured perplexity where known) against achieved bpp."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     x = [p.plan.budget.achieved_bpp for p in points]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    fig = Figure(figsize=(7, 4.2), dpi=120)
+    ax = fig.add_subplot()
     ax.plot(x, [p.plan.solver.objective for p in points], "o-", color="tab:blue", label="predicted loss increase")
     ax.set_yscale("log")
     ax.set_xlabel("bits per parameter (scales and zeros included)")
@@ -93,5 +70,4 @@ def frontier_png(points: Sequence[FrontierPoint]) -> bytes:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    plt.close(fig)
     return buf.getvalue()

@@ -5,28 +5,26 @@ from __future__ import annotations
 import io
 from collections import Counter
 
+import matplotlib
 import numpy as np
+from matplotlib.figure import Figure
 
-from .plan import Plan, Role
+from ..plan import Plan, Role
 
 _ROLE_ORDER = [r.value for r in Role]
 
 
 def render(plan: Plan) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """PNG bytes; drawn on a private Figure, so matplotlib's global backend is left alone."""
     entries = [e for e in plan.entries if not e.locked and e.layer is not None]
     layers = sorted({e.layer for e in entries})
     experts = sorted({e.expert for e in entries if e.expert is not None})
     dense_roles = [r for r in _ROLE_ORDER if any(e.role.value == r and e.expert is None for e in entries)]
     expert_roles = [r for r in _ROLE_ORDER if any(e.role.value == r and e.expert is not None for e in entries)]
     panels = 1 + len(expert_roles)
-    fig = plt.figure(figsize=(4 + 3.2 * panels, 4.8), dpi=110)
+    fig = Figure(figsize=(4 + 3.2 * panels, 4.8), dpi=110)
     grid = fig.add_gridspec(1, panels + 1, width_ratios=[max(len(dense_roles), 1)] + [len(experts) or 1] * len(expert_roles) + [3])
-    cmap = plt.get_cmap("viridis")
+    cmap = matplotlib.colormaps["viridis"]
     widths = sorted({e.bits for e in entries}) or [plan.candidates[0].bits]
     vmin, vmax = min(widths), max(widths)
 
@@ -72,5 +70,4 @@ def render(plan: Plan) -> bytes:
                  f"predicted {plan.solver.objective:.4f} nats", fontsize=11)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
-    plt.close(fig)
     return buf.getvalue()

@@ -13,18 +13,20 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
 from typing import Optional
 
 import torch
 
-from .data import EVAL_SEQLEN, EVAL_TOKENS, eval_windows, tokenize
-from .errors import PlanError
-from .model.checkpoint import Checkpoint
-from .model.inventory import Unit, build_inventory
-from .model.layerwise import LayerwiseModel, resolve_device, unit_view
-from .plan import Candidate, Plan, Role
-from .progress import SILENT, Tracker
-from .rounding.rtn import Runs, fake_quantize
+from ..errors import PlanError
+from ..model.calib import EVAL_SEQLEN, EVAL_TOKENS, eval_windows, tokenize
+from ..model.checkpoint import Checkpoint
+from ..model.inventory import Unit, build_inventory
+from ..model.layerwise import LayerwiseModel, resolve_device, unit_view
+from ..plan import Candidate, Plan, Role
+from ..progress import SILENT, Tracker
+from ..rounding.rtn import Runs, fake_quantize
 
 EVAL_BATCH = 8
 
@@ -61,15 +63,32 @@ def check_plan_matches(plan: Plan, ckpt: Checkpoint) -> dict[str, Unit]:
     return units
 
 
-def perplexity(ckpt: Checkpoint, text: str, plan: Optional[Plan] = None, bits: Optional[int] = None,
-               group_size: int = 128, tokens: int = EVAL_TOKENS, seqlen: int = EVAL_SEQLEN, device: str = "auto",
-               track: Tracker = SILENT) -> EvalResult:
-    t0 = time.perf_counter()
-    resolve_device(device)  # before any slow step
-    qmap = quantization_map(ckpt, plan, bits, group_size)
-    label = "plan" if plan is not None else (f"uniform {bits}-bit g{group_size}" if bits else "unquantized")
-    ids = eval_windows(tokenize(ckpt.path, text), tokens, seqlen)
-    lm = LayerwiseModel(ckpt, device)
+class Evaluator:
+    """One checkpoint and one held-out text, tokenized once; :meth:`run` scores any plan or uniform width on it."""
+
+    def __init__(self, ckpt: Checkpoint, text: str | Path, tokens: int = EVAL_TOKENS, seqlen: int = EVAL_SEQLEN,
+                 device: str = "auto"):
+        resolve_device(device)  # before any slow step
+        self.ckpt, self.device = ckpt, device
+        self._text, self._tokens, self._seqlen = text, tokens, seqlen
+
+    @cached_property
+    def ids(self) -> torch.Tensor:
+        """The evaluation windows; tokenized on first use, after the first plan has been checked."""
+        return eval_windows(tokenize(self.ckpt.path, self._text), self._tokens, self._seqlen)
+
+    def run(self, plan: Optional[Plan] = None, bits: Optional[int] = None, group_size: int = 128,
+            track: Tracker = SILENT) -> EvalResult:
+        t0 = time.perf_counter()
+        qmap = quantization_map(self.ckpt, plan, bits, group_size)
+        label = "plan" if plan is not None else (f"uniform {bits}-bit g{group_size}" if bits else "unquantized")
+        loss = _mean_loss(LayerwiseModel(self.ckpt, self.device), self.ids, qmap, label, track)
+        return EvalResult(math.exp(loss), loss, int(self.ids.numel()), time.perf_counter() - t0, label)
+
+
+def _mean_loss(lm: LayerwiseModel, ids: torch.Tensor, qmap: dict[str, tuple[Unit, Runs]], label: str,
+               track: Tracker) -> float:
+    """Mean next-token cross-entropy of ``ids`` with the units of ``qmap`` fake-quantized, one layer at a time."""
     ids = ids.to(lm.device)
     by_layer: dict[Optional[int], list[tuple[Unit, Runs]]] = {}
     for u, c in qmap.values():
@@ -79,7 +98,7 @@ def perplexity(ckpt: Checkpoint, text: str, plan: Optional[Plan] = None, bits: O
     with torch.no_grad():
         emb = lm.embedding_weight()
         norm_w, head_w = lm.head_weights()
-        tied = "lm_head.weight" not in ckpt.tensors
+        tied = "lm_head.weight" not in lm.ckpt.tensors
         if Role.embedding in outer:
             emb = fake_quantize(emb, outer[Role.embedding])
             if tied:  # one stored tensor serves both uses
@@ -98,5 +117,14 @@ def perplexity(ckpt: Checkpoint, text: str, plan: Optional[Plan] = None, bits: O
             task.advance()
         total, n_pred = lm.total_loss(h, ids, norm_w, head_w)
         task.advance()
-    loss = total / n_pred
-    return EvalResult(math.exp(loss), loss, int(ids.numel()), time.perf_counter() - t0, label)
+    return total / n_pred
+
+
+def evaluate(model: str | Path | Checkpoint, text: str | Path, plan: Optional[Plan | str | Path] = None, bits: Optional[int] = None,
+             group_size: int = 128, tokens: int = EVAL_TOKENS, seqlen: int = EVAL_SEQLEN, device: str = "auto",
+             track: Tracker = SILENT) -> EvalResult:
+    """Held-out perplexity after RTN fake-quantization by ``plan`` or uniform ``bits`` (neither: unquantized)."""
+    if plan is not None and not isinstance(plan, Plan):
+        plan = Plan.load(plan)
+    ckpt = model if isinstance(model, Checkpoint) else Checkpoint(model)
+    return Evaluator(ckpt, text, tokens, seqlen, device).run(plan, bits, group_size, track)

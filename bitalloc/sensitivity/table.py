@@ -15,14 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ScoresError
-from .plan import Candidate, atomic_write_bytes
+from ..errors import ScoresError
+from ..plan import SLAB_WIDTH, Candidate, atomic_write_bytes
 
 SCORES_FORMAT = "bitalloc.scores"
 SCORES_VERSION = 2
-
-
-SLAB_WIDTH = 128  # input columns per slab: the unit of --granularity slab, and the default group size
 DEFAULT_SCORE = "gradient"  # the best measured predictor on the validation models (docs/sensitivity.md)
 
 

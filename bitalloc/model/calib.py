@@ -12,14 +12,17 @@ from __future__ import annotations
 import bz2
 import gzip
 import hashlib
+import io
 import json
 import lzma
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO, Iterator
 
 import numpy as np
 
-from .errors import CalibrationError, CheckpointError
+from ..errors import CalibrationError, CheckpointError
 
 if TYPE_CHECKING:
     import torch
@@ -40,17 +43,50 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def read_text(path: str | Path) -> str:
-    """The text of a .txt / .jsonl file (optionally compressed); raises on missing or empty."""
+class _HashingReader(io.RawIOBase):
+    """A binary file that feeds every byte read through sha256, so text is read and hashed in one pass."""
+
+    def __init__(self, f: BinaryIO):
+        self._f, self.hash = f, hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        n = self._f.readinto(buf)
+        self.hash.update(memoryview(buf)[:n])
+        return n
+
+    def finish(self) -> str:
+        """Hash the bytes not read yet (text past MAX_TEXT_CHARS) and return the whole file's sha256."""
+        for block in iter(lambda: self._f.read(2**20), b""):
+            self.hash.update(block)
+        return self.hash.hexdigest()
+
+
+@dataclass(frozen=True)
+class Text:
+    """A text file's content (up to MAX_TEXT_CHARS) and the sha256 of the whole file as stored."""
+
+    text: str
+    sha256: str
+
+
+def read_text_hashed(path: str | Path) -> Text:
+    """The text of a .txt / .jsonl file (optionally compressed) and the file's sha256; raises on missing or empty."""
     p = Path(path)
     if not p.is_file():
         raise CalibrationError(f"text file not found: {p}")
     suffixes = p.suffixes
-    opener = _OPENERS.get(suffixes[-1] if suffixes else "", open)
+    opener = _OPENERS.get(suffixes[-1] if suffixes else "")
     is_jsonl = ".jsonl" in suffixes
     try:
-        with opener(p, "rt", encoding="utf-8") as f:
-            raw = f.read(MAX_TEXT_CHARS)
+        with open(p, "rb") as f:
+            raw_file = _HashingReader(f)
+            binary = opener(raw_file, "rb") if opener else io.BufferedReader(raw_file)
+            with io.TextIOWrapper(binary, encoding="utf-8") as stream:
+                raw = stream.read(MAX_TEXT_CHARS)
+                sha256 = raw_file.finish()
     except (OSError, EOFError, lzma.LZMAError, UnicodeDecodeError) as exc:
         raise CalibrationError(f"cannot read {p}: {exc}") from None
     if is_jsonl:
@@ -65,25 +101,56 @@ def read_text(path: str | Path) -> str:
         raw = "\n\n".join(docs)
     if not raw.strip():
         raise CalibrationError(f"{p} contains no text")
-    return raw
+    return Text(raw, sha256)
+
+
+def read_text(path: str | Path) -> str:
+    """The text of a .txt / .jsonl file (optionally compressed); raises on missing or empty."""
+    return read_text_hashed(path).text
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' notes (long texts trip "sequence longer than max length") for one call only."""
+    from transformers.utils import logging
+
+    before = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(before)
 
 
 def load_tokenizer(model_path: str | Path):
     from transformers import AutoTokenizer
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()  # long calibration files trip "sequence longer than max length" notes
 
     try:
-        return AutoTokenizer.from_pretrained(str(model_path), local_files_only=True, trust_remote_code=False)
+        with _quiet_transformers():
+            return AutoTokenizer.from_pretrained(str(model_path), local_files_only=True, trust_remote_code=False)
     except Exception as exc:
         raise CheckpointError(f"cannot load the tokenizer of {model_path}: {exc}") from None
 
 
-def tokenize(model_path: str | Path, text_path: str | Path) -> np.ndarray:
+@dataclass(frozen=True)
+class Tokens:
+    """Token ids of a text file and the sha256 of the file they came from."""
+
+    ids: np.ndarray
+    sha256: str
+
+
+def tokenize_hashed(model_path: str | Path, text_path: str | Path) -> Tokens:
+    """Tokenize ``text_path`` with the model's tokenizer; the file is hashed while it is read."""
     tok = load_tokenizer(model_path)
-    ids = tok(read_text(text_path), add_special_tokens=False)["input_ids"]
-    return np.asarray(ids, dtype=np.int64)
+    text = read_text_hashed(text_path)
+    with _quiet_transformers():
+        ids = tok(text.text, add_special_tokens=False)["input_ids"]
+    return Tokens(np.asarray(ids, dtype=np.int64), text.sha256)
+
+
+def tokenize(model_path: str | Path, text_path: str | Path) -> np.ndarray:
+    return tokenize_hashed(model_path, text_path).ids
 
 
 def calibration_windows(ids: np.ndarray, tokens: int, seqlen: int, seed: int) -> "torch.Tensor":

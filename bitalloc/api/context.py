@@ -1,0 +1,128 @@
+"""One call's view of a checkpoint, built once: inventory, aliases, constraints resolved, decision units.
+
+``allocate`` builds it once and ``frontier`` reuses it for every budget, so the checkpoint is opened
+and hashed once, the inventory and decision units are built once, and the problem's structure (tie
+groups, exact storage, allowed candidates) is built once; a budget or an error table only fills in
+numbers. This is also where model objects meet the allocator's plain arrays: the allocator never
+sees the model, the table or torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from ..allocator import Problem, build_problem
+from ..allocator.units import DecisionUnits, TensorSpec, decision_units
+from ..budget import Budget
+from ..errors import ScoresError
+from ..model.checkpoint import Checkpoint
+from ..model.inventory import Inventory, build_inventory
+from ..plan import Candidate, Role
+from ..sensitivity.table import ErrorTable
+from .config import CalibrationConfig, SolveConfig
+
+
+@dataclass
+class ModelContext:
+    """A checkpoint, its inventory (with pins' unlocking applied) and the decision units of one solve setting."""
+
+    ckpt: Checkpoint
+    inv: Inventory
+    candidates: list[Candidate]
+    solve: SolveConfig
+    allowed: np.ndarray  # [T, C] per quantized tensor, in ``candidates``' order
+
+    @classmethod
+    def build(cls, model: str | Path | Checkpoint, calibration: CalibrationConfig, solve: SolveConfig) -> "ModelContext":
+        """Open the checkpoint and resolve the constraints against its tensors (pins may unlock lm_head/embeddings)."""
+        ckpt = model if isinstance(model, Checkpoint) else Checkpoint(model)
+        inv = _inventory(ckpt, calibration, solve)
+        candidates = list(calibration.candidates)
+        units = inv.quantized
+        allowed = solve.constraints.allowed([u.tensor for u in units], [u.role.value for u in units], candidates,
+                                            aliases(inv))
+        return cls(ckpt, inv, candidates, solve, allowed)
+
+    @classmethod
+    def from_inventory(cls, ckpt: Checkpoint, inv: Inventory, candidates: list[Candidate], solve: SolveConfig,
+                       allowed: np.ndarray) -> "ModelContext":
+        """A context over an inventory the caller prepared (the importer locks what a config excludes)."""
+        return cls(ckpt, inv, list(candidates), solve, allowed)
+
+    @cached_property
+    def aliases(self) -> dict[str, list[str]]:
+        return aliases(self.inv)
+
+    @cached_property
+    def units(self) -> DecisionUnits:
+        specs = [TensorSpec(u.tensor, tuple(u.shape), None if u.expert is None else (u.layer, u.expert))
+                 for u in self.inv.quantized]
+        return decision_units(specs, [g.members for g in self.inv.tie_groups], self.solve.granularity, self.candidates)
+
+    @cached_property
+    def structure(self) -> Problem:
+        """The problem without a budget or errors: ties collapsed, storage priced, allowed candidates set."""
+        du = self.units
+        return build_problem(du.names, du.shapes, None, self.candidates, du.ties, None, self.allowed[du.owner],
+                             self.solve.time_per_param(self.candidates), self.solve.time_budget)
+
+    def problem(self, budget: Budget) -> Problem:
+        """The solver's problem at ``budget`` (errors zero until :meth:`with_table`); an unreachable budget raises."""
+        return self.structure.with_budget(budget)
+
+    def with_table(self, problem: Problem, table: ErrorTable) -> Problem:
+        """``problem`` with ``table``'s predicted errors."""
+        return problem.with_errors(self.decision_errors(table, problem.candidates))
+
+    @property
+    def needs_errors(self) -> list[str]:
+        """Tensors with a real choice: a tensor fixed by a pin needs no error table row."""
+        return [u.tensor for u, row in zip(self.inv.quantized, self.allowed) if row.sum() > 1]
+
+    def decision_errors(self, table: ErrorTable, candidates: list[Candidate]) -> np.ndarray:
+        """[N, C] predicted errors of the decision units, columns in ``candidates``' order."""
+        du = self.units
+        units = self.inv.quantized
+        cols = [table.column(c) for c in candidates]
+        choice_count = self.allowed[du.owner].sum(1)
+        out = np.zeros((len(du.names), len(candidates)))
+        for n, (i, k) in enumerate(zip(du.owner, du.slab)):
+            tensor = units[i].tensor
+            if table.has(tensor):
+                out[n] = (table.slabs(tensor)[k] if du.per_slab else table.errors[table.row(tensor)])[cols]
+            elif choice_count[n] > 1:
+                raise ScoresError(f"score file has no errors for {tensor}")
+        return out
+
+
+def aliases(inv: Inventory) -> dict[str, list[str]]:
+    """With tied embeddings the one embedding tensor is also the output head, so pins on lm_head reach it."""
+    if not inv.tied_embeddings:
+        return {}
+    return {u.tensor: ["lm_head.weight"] for u in inv.units if u.role == Role.embedding}
+
+
+def _inventory(ckpt: Checkpoint, calibration: CalibrationConfig, solve: SolveConfig) -> Inventory:
+    """The inventory, with lm_head / embedding unlocked when a pin names them.
+
+    Pins never reach tensors that are not linear weights (norms, biases, routers): a pattern such
+    as ``layers\\.0\\.`` pins the quantizable tensors of layer 0 and leaves its norms alone.
+    """
+    constraints = solve.constraints
+    include_lm_head, include_embeddings = calibration.include_lm_head, calibration.include_embeddings
+    inv = build_inventory(ckpt, include_lm_head, include_embeddings)
+    names = aliases(inv)
+    for u in inv.units:
+        if u.locked and constraints.pin_for(u.tensor, names.get(u.tensor, ())) is not None:
+            if u.role == Role.lm_head or (u.role == Role.embedding and inv.tied_embeddings):
+                include_lm_head = True
+            elif u.role == Role.embedding:
+                include_embeddings = True
+    if (include_lm_head, include_embeddings) != (calibration.include_lm_head, calibration.include_embeddings):
+        inv = build_inventory(ckpt, include_lm_head, include_embeddings)
+    constraints.check_all_pins_match([u.tensor for u in inv.quantized], aliases(inv))
+    return inv

@@ -1,0 +1,95 @@
+"""Forward hooks that accumulate each linear input's second moment H = sum x^T x on a materialised layer.
+
+Shared by the sensitivity pass (Hessian scores, GPTQ-based BAQ) and by rounding (GPTQ and its
+successors need the same H). Units that read the same input (q/k/v; gate/up, per expert) share one
+H, so it is computed once. MoE experts see only the tokens routed to them, counted per expert, for
+transformers' fused experts module (inputs: hidden states, top-k indices, top-k weights).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..plan import Role
+from .inventory import Unit
+from .layerwise import EXPERT_ROLES, expert_slice
+
+SAME_INPUT = {Role.attn_q: "attn_in", Role.attn_k: "attn_in", Role.attn_v: "attn_in", Role.mlp_gate: "mlp_in",
+              Role.mlp_up: "mlp_in", Role.shared_gate: "shared_in", Role.shared_up: "shared_in",
+              Role.expert_gate: "expert_in", Role.expert_up: "expert_in"}
+
+
+def input_key(u: Unit) -> str:
+    """Units that read the same input (q/k/v; gate/up, per expert) share one H."""
+    return f"{u.layer}.{SAME_INPUT[u.role]}.{u.expert}" if u.role in SAME_INPUT else u.tensor
+
+
+class InputStats:
+    """Forward hooks on a materialised layer: H = sum x^T x and token counts per input (routed for experts)."""
+
+    def __init__(self, layer: nn.Module, units: list[Unit]):
+        self.key = {u.tensor: input_key(u) for u in units}
+        self._h: dict[str, torch.Tensor] = {}
+        self._tokens: dict[str, int] = defaultdict(int)
+        self.hooks = []
+        params = dict(layer.named_parameters())
+        modules: dict[str, str] = {}  # input key -> the one module hooked for it
+        expert_units: list[Unit] = []
+        for u in units:
+            if u.role in EXPERT_ROLES and u.local not in params:
+                expert_units.append(u)
+            else:
+                modules.setdefault(self.key[u.tensor], u.module.split(f".{u.layer}.", 1)[1])
+        for key, local_module in modules.items():
+            self.hooks.append(layer.get_submodule(local_module).register_forward_hook(self._linear_hook(key)))
+        if expert_units:
+            experts = layer.get_submodule("mlp.experts")
+            self.hooks.append(experts.register_forward_hook(self._experts_hook(experts, expert_units)))
+
+    def hessian(self, tensor: str) -> Optional[torch.Tensor]:
+        return self._h.get(self.key[tensor])
+
+    def tokens(self, tensor: str) -> int:
+        return self._tokens[self.key[tensor]]
+
+    def add(self, key: str, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        h = x.T @ x
+        if key in self._h:
+            self._h[key] += h
+        else:
+            self._h[key] = h
+        self._tokens[key] += x.shape[0]
+
+    def _linear_hook(self, key: str):
+        def hook(_mod, inputs, _out):
+            self.add(key, inputs[0])
+        return hook
+
+    def _experts_hook(self, experts: nn.Module, units: list[Unit]):
+        """Routed inputs per expert for transformers' fused experts (hidden, top_k_index, top_k_weights)."""
+        by_expert: dict[int, dict[Role, Unit]] = defaultdict(dict)
+        for u in units:
+            by_expert[u.expert][u.role] = u
+
+        def hook(_mod, inputs, _out):
+            hidden, index = inputs[0].detach(), inputs[1]
+            with torch.no_grad():
+                for e, role in by_expert.items():
+                    x = hidden[(index == e).any(-1).nonzero().flatten()]
+                    up_in = role.get(Role.expert_gate) or role.get(Role.expert_up)
+                    if up_in is not None:
+                        self.add(self.key[up_in.tensor], x)
+                    if Role.expert_down in role:
+                        gate = expert_slice(experts.gate_up_proj.data, experts, Role.expert_gate, e)
+                        up = expert_slice(experts.gate_up_proj.data, experts, Role.expert_up, e)
+                        self.add(self.key[role[Role.expert_down].tensor], experts.act_fn(x @ gate.T) * (x @ up.T))
+        return hook
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
