@@ -1,13 +1,15 @@
 """Budgets: parsing user strings and the exact bit accounting behind "bpp".
 
-Definition used everywhere in bitalloc: a quantized tensor of shape [rows, cols] at
-``bits`` with group size ``g`` stores ``rows * cols * bits`` code bits plus one fp16
-scale and one fp16 zero per group of ``g`` input columns, i.e.
-``rows * ceil(cols / g) * 32`` overhead bits. Its bits per parameter (bpp) are the
-total divided by ``rows * cols``; for ``cols % g == 0`` that is ``bits + 32 / g``
-(2.25, 3.25, 4.25, 8.25 at g = 128). A budget in bpp is the total over all counted
-(unlocked) tensors divided by their parameter count; a byte budget is the total
-size of those tensors once quantized.
+Definition used everywhere in bitalloc, the bytes that compressed-tensors' ``pack-quantized``
+checkpoints (what ``bitalloc quantize`` writes, what vLLM reads) store: a quantized tensor of
+shape [rows, cols] at ``bits`` with group size ``g`` stores ``rows * cols * bits`` code bits, one
+16-bit scale per group of ``g`` input columns and, for asymmetric candidates, one zero point per
+group packed at the code width: ``rows * ceil(cols / g) * (16 + bits)`` overhead bits (symmetric:
+``* 16``). Its bits per parameter (bpp) are the total divided by ``rows * cols``; for
+``cols % g == 0`` that is ``bits + (16 + bits) / g`` (2.140625, 3.1484375, 4.15625, 8.1875 at
+g = 128; symmetric ``bits + 16 / g``). A budget in bpp is the total over all counted (unlocked)
+tensors divided by their parameter count; a byte budget is the total size of those tensors once
+quantized. (Plans of version 1 priced a 16-bit zero for every group; ``plan.Plan.load`` re-prices them.)
 """
 
 from __future__ import annotations
@@ -19,9 +21,8 @@ from typing import Literal
 
 from .errors import BudgetError
 
-SCALE_BITS = 16  # one fp16 scale per group
-ZERO_BITS = 16  # one fp16 zero point per group (asymmetric); bits for symmetric candidates too,
-# kept so that every candidate is priced by the same storage layout.
+SCALE_BITS = 16  # one fp16/bf16 scale per group
+STORAGE_LAYOUT = "compressed-tensors"  # what the formula below prices; recorded in every plan
 
 _BYTE_UNITS = {
     "b": 1,
@@ -37,19 +38,19 @@ _BYTE_UNITS = {
 _BUDGET_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 
 
-def tensor_bits(rows, cols, bits: int, group_size: int):
-    """Exact storage of quantized [rows, cols] tensors, in bits (codes + scales + zeros).
+def tensor_bits(rows, cols, bits: int, group_size: int, symmetric: bool = False):
+    """Exact storage of quantized [rows, cols] tensors, in bits (codes + scales + zero points).
 
     The one storage formula of bitalloc: plans, problems, importers and reports all price through it.
     ``rows`` and ``cols`` may be ints or integer numpy arrays (many tensors at once).
     """
     groups = rows * -(-cols // group_size)
-    return rows * cols * bits + groups * (SCALE_BITS + ZERO_BITS)
+    return rows * cols * bits + groups * (SCALE_BITS + (0 if symmetric else bits))
 
 
-def nominal_bpp(bits: int, group_size: int) -> float:
+def nominal_bpp(bits: int, group_size: int, symmetric: bool = False) -> float:
     """Bits per parameter of a candidate for tensors whose width is a multiple of the group."""
-    return tensor_bits(1, group_size, bits, group_size) / group_size
+    return tensor_bits(1, group_size, bits, group_size, symmetric) / group_size
 
 
 @dataclass(frozen=True)

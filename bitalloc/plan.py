@@ -21,11 +21,13 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .budget import nominal_bpp, tensor_bits
+from .budget import STORAGE_LAYOUT, nominal_bpp, tensor_bits
 from .errors import OutputError, PlanError
 
 PLAN_FORMAT = "bitalloc.plan"
-PLAN_VERSION = 1  # bump only with a migration in Plan.load; readers refuse other versions
+PLAN_VERSION = 2  # bump only with a migration in Plan.load; readers refuse other versions
+# v1 -> v2: storage priced as compressed-tensors writes it (zero point at code width, none when
+# symmetric) instead of a 16-bit zero per group; ``layout`` records it; v1 plans are re-priced on load.
 LOCKED_BITS = 16
 SLAB_WIDTH = 128  # input columns per slab: the unit of --granularity slab and of error tables' slab rows
 SCHEMA_PATH = Path(__file__).with_name("plan.schema.json")
@@ -37,7 +39,7 @@ class _Strict(BaseModel):
 
 
 class Candidate(_Strict):
-    """One quantization choice: integer codes of ``bits`` with per-group fp16 scale and zero."""
+    """One quantization choice: integer codes of ``bits`` with a 16-bit scale and a zero point per group."""
 
     bits: int = Field(ge=1, le=8)
     group_size: int = Field(gt=0)
@@ -49,7 +51,7 @@ class Candidate(_Strict):
 
     @property
     def bpp(self) -> float:
-        return nominal_bpp(self.bits, self.group_size)
+        return nominal_bpp(self.bits, self.group_size, self.symmetric)
 
 
 DEFAULT_CANDIDATES: tuple[Candidate, ...] = tuple(Candidate(bits=b, group_size=128) for b in (2, 3, 4, 8))
@@ -134,8 +136,8 @@ class Entry(_Strict):
             return self.numel * LOCKED_BITS
         rows, cols = _as_matrix(self.shape)
         if self.segments:
-            return sum(tensor_bits(rows, g.stop - g.start, g.bits, g.group_size) for g in self.segments)
-        return tensor_bits(rows, cols, self.bits, self.group_size)
+            return sum(tensor_bits(rows, g.stop - g.start, g.bits, g.group_size, g.symmetric) for g in self.segments)
+        return tensor_bits(rows, cols, self.bits, self.group_size, self.symmetric)
 
     def column_choices(self) -> list[tuple[int, int, Candidate]]:
         """(start, stop, candidate) runs over the input columns: one run unless segmented."""
@@ -208,7 +210,8 @@ class ScoresInfo(_Strict):
 
 class Plan(_Strict):
     format: Literal["bitalloc.plan"] = PLAN_FORMAT
-    version: Literal[1] = PLAN_VERSION
+    version: Literal[2] = PLAN_VERSION
+    layout: Literal["compressed-tensors"] = STORAGE_LAYOUT  # the storage that budgets and bpp count
     tool: str
     created: str
     model: ModelInfo
@@ -221,6 +224,7 @@ class Plan(_Strict):
     calibration: Optional[CalibrationInfo] = None
     scores: Optional[ScoresInfo] = None
     timings: dict[str, float] = Field(default_factory=dict)
+    notes: list[str] = Field(default_factory=list)  # e.g. how an older plan was migrated
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "Plan":
@@ -279,8 +283,11 @@ class Plan(_Strict):
             raise PlanError(f"{p} is not valid JSON: {exc}") from None
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
             raise PlanError(f"{p} is not a bitalloc plan (missing format: {PLAN_FORMAT!r})")
+        if data.get("version") == 1:
+            data = _migrate_v1(data)
         if data.get("version") != PLAN_VERSION:
-            raise PlanError(f"{p} has plan version {data.get('version')!r}; this bitalloc reads version {PLAN_VERSION}")
+            raise PlanError(f"{p} has plan version {data.get('version')!r}; this bitalloc reads versions 1 and "
+                            f"{PLAN_VERSION}")
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
@@ -306,6 +313,7 @@ class Plan(_Strict):
             + (f", gap {self.solver.gap:.2e}" if self.solver.gap is not None else "")
             + f", {self.solver.seconds:.2f} s",
         ]
+        lines += [f"note       {n}" for n in self.notes]
         if self.timings:
             lines.append("time       " + ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in self.timings.items()))
         header = f"{'':<14}" + "".join(f"{w:>3}b" for w in widths) + "   mean bpp   predicted (nats)"
@@ -317,6 +325,32 @@ class Plan(_Strict):
         if locked:
             lines += ["", "locked     " + ", ".join(f"{n} {r}" for r, n in sorted(locked.items()))]
         return "\n".join(lines)
+
+
+def _migrate_v1(data: dict) -> dict:
+    """A version-1 plan as version 2: the same choices, re-priced with zero points at the code width.
+
+    The choices stay valid (every tensor costs fewer bits than v1 counted, so the budget still holds);
+    ``achieved_bpp``, ``achieved_bytes``, ``total_bytes`` and each entry's ``bpp`` are recomputed.
+    """
+    try:
+        entries = [Entry.model_validate(e) for e in data["entries"]]
+        budget = dict(data["budget"])
+    except (KeyError, TypeError, ValidationError):
+        return data  # not migratable: validation of the original reports the problem
+    counted = [e for e in entries if not e.locked]
+    params = sum(e.numel for e in counted)
+    bits = sum(e.storage_bits for e in counted)
+    locked = sum(e.storage_bits for e in entries if e.locked)
+    budget.update(achieved_bpp=bits / params if params else 0.0, achieved_bytes=(bits + 7) // 8,
+                  total_bytes=(bits + locked + 7) // 8)
+    old_bpp = data["budget"].get("achieved_bpp")
+    note = (f"re-priced from plan version 1 (16-bit zero per group) to {STORAGE_LAYOUT} storage: "
+            f"{old_bpp} -> {budget['achieved_bpp']:.6f} bpp; the choices are unchanged")
+    return {**data, "version": PLAN_VERSION, "layout": STORAGE_LAYOUT, "budget": budget,
+            "entries": [e.model_copy(update={"bpp": e.storage_bits / e.numel}).model_dump(mode="json")
+                        if not e.locked else e.model_dump(mode="json") for e in entries],
+            "notes": [*data.get("notes", []), note]}
 
 
 def _check_segments(e: Entry, cands: set[str]) -> None:
@@ -394,7 +428,7 @@ def check_writable(path: str | os.PathLike) -> Path:
 def json_schema() -> dict:
     schema = Plan.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["$id"] = "https://bitalloc.dev/schema/plan-v1.json"
+    schema["$id"] = f"https://bitalloc.dev/schema/plan-v{PLAN_VERSION}.json"
     return schema
 
 

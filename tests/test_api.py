@@ -109,7 +109,8 @@ def test_importers_price_per_channel_scales_as_one_group_per_row(tiny_llama, tmp
     for e in plan.entries:
         if not e.locked:
             assert e.group_size == (group or e.shape[-1])
-            assert e.storage_bits == e.numel * 4 + e.shape[0] * -(-e.shape[-1] // e.group_size) * 32
+            assert e.symmetric  # symmetric 4-bit: a 16-bit scale per group and no zero point
+            assert e.storage_bits == e.numel * 4 + e.shape[0] * -(-e.shape[-1] // e.group_size) * 16
 
 
 def test_importer_refuses_float_schemes(tiny_llama, tmp_path):

@@ -20,10 +20,13 @@ def test_parse_budget_rejects(text):
 
 
 def test_bit_accounting_counts_scale_and_zero():
-    assert nominal_bpp(2, 128) == 2.25 and nominal_bpp(4, 128) == 4.25 and nominal_bpp(3, 64) == 3.5
-    assert tensor_bits(384, 1024, 3, 128) == 384 * 1024 * 3 + 384 * 8 * 32
+    # compressed-tensors storage: fp16 scale + zero point at the code width per group (symmetric: no zero)
+    assert nominal_bpp(2, 128) == 2 + 18 / 128 and nominal_bpp(4, 128) == 4.15625 and nominal_bpp(3, 64) == 3 + 19 / 64
+    assert nominal_bpp(3, 128) == 3.1484375 and nominal_bpp(8, 128) == 8.1875 and nominal_bpp(4, 128, True) == 4.125
+    assert tensor_bits(384, 1024, 3, 128) == 384 * 1024 * 3 + 384 * 8 * 19
+    assert tensor_bits(384, 1024, 3, 128, symmetric=True) == 384 * 1024 * 3 + 384 * 8 * 16
     # a short last group still stores a full scale and zero
-    assert tensor_bits(2, 130, 4, 128) == 2 * 130 * 4 + 2 * 2 * 32
+    assert tensor_bits(2, 130, 4, 128) == 2 * 130 * 4 + 2 * 2 * 20
 
 
 def test_budget_totals():

@@ -30,6 +30,34 @@ def test_round_trip(plan, tmp_path):
     assert not list(tmp_path.glob(".plan.json.*"))  # no temporary file left behind
 
 
+def test_version_1_plans_load_re_priced_with_a_note(plan, tmp_path):
+    """v1 priced a 16-bit zero per group; v2 prices what compressed-tensors writes. Same choices, fewer bits."""
+    old = json.loads(plan.to_json())
+    old["version"] = 1
+    del old["layout"], old["notes"]
+    for e in old["entries"]:
+        if not e["locked"]:
+            rows, cols = e["numel"] // e["shape"][-1], e["shape"][-1]
+            bits = rows * cols * e["bits"] + rows * -(-cols // e["group_size"]) * 32
+            e["bpp"] = bits / e["numel"]
+    v1_bits = sum(e["bpp"] * e["numel"] for e in old["entries"] if not e["locked"])
+    old["budget"]["achieved_bpp"] = v1_bits / old["budget"]["counted_params"]
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(old))
+    again = Plan.load(path)
+    assert again.version == 2 and again.layout == "compressed-tensors"
+    assert [(e.tensor, e.bits, e.group_size) for e in again.entries] == \
+        [(e.tensor, e.bits, e.group_size) for e in plan.entries]
+    assert again.budget.achieved_bpp == pytest.approx(plan.budget.achieved_bpp)
+    assert again.budget.achieved_bpp < old["budget"]["achieved_bpp"]
+    assert len(again.notes) == 1 and "re-priced from plan version 1" in again.notes[0]
+    assert "note       re-priced" in again.summary()
+    old["version"] = 3
+    path.write_text(json.dumps(old))
+    with pytest.raises(PlanError, match="plan version 3"):
+        Plan.load(path)
+
+
 def test_shipped_schema_is_current_and_validates_plans(plan):
     shipped = json.loads(SCHEMA_PATH.read_text())
     assert shipped == json.loads(json.dumps(json_schema())), "run: python -m bitalloc.plan"

@@ -52,8 +52,8 @@ def import_config(path: str | Path, model: str | Path, scores: Optional[str | Pa
     allowed = np.array([[c == by_name[u.tensor] for c in candidates] for u in quantized])
     table = _table(scores, ckpt, candidates)
     # price the imported choices exactly, then "solve" the problem that allows only them
-    exact_bits = sum(tensor_bits(*_matrix(u.shape), by_name[u.tensor].bits, by_name[u.tensor].group_size)
-                     for u in quantized)
+    exact_bits = sum(tensor_bits(*_matrix(u.shape), by_name[u.tensor].bits, by_name[u.tensor].group_size,
+                                 by_name[u.tensor].symmetric) for u in quantized)
     budget = Budget(exact_bits / 8, "bytes", f"{exact_bits / 8:.0f}B (as imported)")
     ctx = ModelContext.from_inventory(ckpt, inv, candidates, SolveConfig(), allowed)
     problem = ctx.with_table(ctx.problem(budget), table)
