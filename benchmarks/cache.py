@@ -1,7 +1,9 @@
-"""The per-model output folder and cached error table that every benchmark script shares."""
+"""What every benchmark script shares: its command line (model, calibration and held-out text), the per-model
+output folder and the cached error table."""
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 from typing import Optional
@@ -25,3 +27,12 @@ def cached_scores(model: str, calib: str, out_root: str) -> tuple[Path, ErrorTab
     table = bitalloc.compute_scores(model, calib)
     table.save(path)
     return out, table, time.perf_counter() - t0
+
+
+def model_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser with the arguments every model benchmark takes: MODEL, --calib TEXT and --heldout TEXT."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("--calib", required=True)
+    ap.add_argument("--heldout", required=True)
+    return ap

@@ -9,7 +9,6 @@ The error table is cached there (``scores.safetensors``) and reused when present
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import resource
@@ -24,16 +23,13 @@ from bitalloc.allocator import position_priority, promote_in_order, random_assig
 from bitalloc.api import CalibrationConfig, ModelContext, SolveConfig, build_plan
 from bitalloc.budget import parse_budget
 from bitalloc.errors import BudgetError
-from cache import cached_scores
+from cache import cached_scores, model_parser
 
 RANDOM_SEEDS = (0, 1, 2)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model")
-    ap.add_argument("--calib", required=True)
-    ap.add_argument("--heldout", required=True)
+    ap = model_parser(__doc__)
     ap.add_argument("--budgets", type=float, nargs="+", default=[2.25, 2.5, 2.75, 3.0, 3.25])
     ap.add_argument("--eval-budgets", type=float, nargs="+", default=[2.5, 2.75, 3.0, 3.25])
     ap.add_argument("--out", default="benchmarks/out")

@@ -9,21 +9,17 @@ Prints a markdown table and writes ``solvers.json`` there.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import bitalloc
-from cache import cached_scores
+from cache import cached_scores, model_parser
 
 SOLVERS = ("ilp", "closed-form", "greedy")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model")
-    ap.add_argument("--calib", required=True)
-    ap.add_argument("--heldout", required=True)
+    ap = model_parser(__doc__)
     ap.add_argument("--budgets", type=float, nargs="+", default=[2.25, 2.5, 2.75, 3.25])
     ap.add_argument("--out", default="benchmarks/out")
     args = ap.parse_args()

@@ -16,7 +16,6 @@ and prints markdown tables.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
@@ -31,7 +30,7 @@ from bitalloc.plan import DEFAULT_CANDIDATES
 from bitalloc.sensitivity.table import DEFAULT_SCORE
 from bitalloc.sensitivity import combined
 from bitalloc.sensitivity.truth import measure_truth
-from cache import cached_scores
+from cache import cached_scores, model_parser
 
 TRUTH_TOKENS = 8192
 TRUTH_SEED = 1
@@ -51,10 +50,7 @@ def truth_table(args, ckpt, inv, out, seed=TRUTH_SEED, widths=WIDTHS):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model")
-    ap.add_argument("--calib", required=True)
-    ap.add_argument("--heldout", required=True)
+    ap = model_parser(__doc__)
     ap.add_argument("--budgets", type=float, nargs="*", default=[2.5, 3.25])
     ap.add_argument("--out", default="benchmarks/out")
     ap.add_argument("--repeat-truth", action="store_true")

@@ -12,14 +12,15 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "allocate": "api", "build_plan": "api", "compute_scores": "api", "evaluate": "api", "frontier": "api",
-    "import_config": "api", "CalibrationConfig": "api", "SolveConfig": "api",
+    "import_config": "api", "CalibrationConfig": "api", "SolveConfig": "api", "quantize": "api",
+    "load_quantized": "api", "RoundingConfig": "api",
     "BitallocError": "errors", "Candidate": "plan", "Plan": "plan", "ErrorTable": "sensitivity.table",
 }
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 if TYPE_CHECKING:
-    from .api import (CalibrationConfig, SolveConfig, allocate, build_plan, compute_scores, evaluate,  # noqa: F401
-                      frontier, import_config)
+    from .api import (CalibrationConfig, RoundingConfig, SolveConfig, allocate, build_plan,  # noqa: F401
+                      compute_scores, evaluate, frontier, import_config, load_quantized, quantize)
     from .errors import BitallocError  # noqa: F401
     from .plan import Candidate, Plan  # noqa: F401
     from .sensitivity.table import ErrorTable  # noqa: F401

@@ -93,19 +93,21 @@ def _options(target: str, options: tuple[_Option, ...], build: Callable[..., Any
     return decorate
 
 
-def _calibration_options() -> Callable[[Callable], Callable]:
+def _calibration_options(only: Optional[tuple[str, ...]] = None) -> Callable[[Callable], Callable]:
+    """The calibration options (``only`` these, when given; the others keep their defaults)."""
     from .api.config import CalibrationConfig, candidates_text, parse_candidates
 
     d = CalibrationConfig()
 
-    def build(candidates: str, calib_tokens: int, seqlen: int, seed: int, include_lm_head: bool,
-              include_embeddings: bool, device: str) -> CalibrationConfig:
+    def build(candidates: str = candidates_text(d.candidates), calib_tokens: int = d.tokens, seqlen: int = d.seqlen,
+              seed: int = d.seed, include_lm_head: bool = d.include_lm_head,
+              include_embeddings: bool = d.include_embeddings, device: str = d.device) -> CalibrationConfig:
         return CalibrationConfig(tokens=calib_tokens, seqlen=seqlen, seed=seed, device=device,
                                  include_lm_head=include_lm_head, include_embeddings=include_embeddings,
                                  candidates=tuple(parse_candidates(candidates)))
 
     opt = typer.Option
-    return _options("calibration", (
+    options = (
         _Option("candidates", Annotated[str, opt(help="Bit widths, optionally with group: '2,3,4,8' or '2g64,4g128' "
                                                       "(default group 128).")], candidates_text(d.candidates)),
         _Option("calib_tokens", Annotated[int, opt(help="Calibration tokens (windows of --seqlen).")], d.tokens),
@@ -116,7 +118,8 @@ def _calibration_options() -> Callable[[Callable], Callable]:
         _Option("include_embeddings", Annotated[bool, opt(help="Quantize the token embedding too (locked by default).")],
                 d.include_embeddings),
         _Option("device", Annotated[str, opt(help="'cpu', 'cuda', 'cuda:N' or 'auto'.")], d.device),
-    ), build)
+    )
+    return _options("calibration", tuple(o for o in options if only is None or o.name in only), build)
 
 
 def _solve_options() -> Callable[[Callable], Callable]:
@@ -274,6 +277,31 @@ def scores_cmd(
         typer.echo(f"timings: {times}")
 
 
+@app.command("quantize")
+@_user_errors
+@_calibration_options(only=("calib_tokens", "seqlen", "seed", "device"))
+def quantize_cmd(
+    model: ModelArg,
+    plan: Annotated[Path, typer.Option("--plan", help="Plan JSON (from `allocate`) that sets every tensor's width.")],
+    calib: Annotated[Path, typer.Option("--calib", help="Calibration text for the rounding method.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write (compressed-tensors "
+                                                                "pack-quantized; must not exist).")],
+    method: Annotated[str, typer.Option("--method", help="rtn | gptq | gsq | discquant (docs/rounding.md).")] = "gptq",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
+    quiet: Quiet = False,
+    *, calibration,
+) -> None:
+    """Quantize MODEL as the plan says into a checkpoint that transformers and `bitalloc eval` load."""
+    from .api import quantize
+    from .progress import tracker
+
+    with tracker(quiet) as track:
+        out = quantize(model, plan, method, calib, out=output, calibration=calibration, overwrite=overwrite,
+                       track=track)
+    if not quiet:
+        typer.echo(f"wrote {out} ({method})")
+
+
 @app.command("eval")
 @_user_errors
 def eval_cmd(
@@ -289,15 +317,22 @@ def eval_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     quiet: Quiet = False,
 ) -> None:
-    """Held-out perplexity after RTN fake-quantization (fixed protocol, see docs/eval.md)."""
-    from .api import evaluate
+    """Held-out perplexity (fixed protocol, see docs/eval.md): of MODEL after RTN fake-quantization by a plan
+    or uniform bits, or of a checkpoint written by `bitalloc quantize` as it is stored."""
+    from .api import evaluate, evaluate_quantized, is_quantized_checkpoint
     from .progress import tracker
 
     if plan is not None and bits is not None:
         raise BitallocError("give either --plan or --bits, not both")
+    quantized = is_quantized_checkpoint(model)
+    if quantized and (plan is not None or bits is not None):
+        raise BitallocError(f"{model} is already quantized; evaluate it without --plan or --bits")
     with tracker(quiet) as track:
-        r = evaluate(model, text, plan=plan, bits=bits, group_size=group, tokens=tokens, seqlen=seqlen,
-                     device=device, track=track)
+        if quantized:
+            r = evaluate_quantized(model, text, tokens=tokens, seqlen=seqlen, device=device, track=track)
+        else:
+            r = evaluate(model, text, plan=plan, bits=bits, group_size=group, tokens=tokens, seqlen=seqlen,
+                         device=device, track=track)
     if as_json:
         typer.echo(json.dumps({"perplexity": r.perplexity, "loss": r.loss, "tokens": r.tokens, "seconds": r.seconds,
                                "label": r.label, "plan": str(plan) if plan else None}))

@@ -163,3 +163,22 @@ def test_every_allocate_option_exists_on_frontier_and_scores_shares_the_calibrat
     assert calibration <= set(params["scores_cmd"])
     for name in calibration:  # declared once: the same default and help everywhere
         assert len({(p[name].annotation.__metadata__[0].help, p[name].default) for p in params.values()}) == 1, name
+
+
+@pytest.mark.parametrize("text, ids", [("2,3,4,8", ["b2g128", "b3g128", "b4g128", "b8g128"]),
+                                       ("2g64, 4g128s,8s", ["b2g64", "b4g128s", "b8g128s"])])
+def test_candidate_strings_round_trip(text, ids):
+    from bitalloc.api.config import candidates_text, parse_candidates
+
+    cands = parse_candidates(text)
+    assert [c.id for c in cands] == ids
+    assert parse_candidates(candidates_text(tuple(cands))) == cands
+
+
+@pytest.mark.parametrize("text", ["", "x", "2g", "4gs", "0", "9", "2,,3", "3g0"])
+def test_bad_candidate_strings_are_refused_with_the_syntax(text):
+    from bitalloc.api.config import parse_candidates
+    from bitalloc.errors import BitallocError
+
+    with pytest.raises(BitallocError, match="'4g128s' \\(s: symmetric\\)"):
+        parse_candidates(text)

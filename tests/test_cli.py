@@ -299,3 +299,24 @@ def test_combined_needs_a_table_that_measured_it(tiny_llama, calib_file, tmp_pat
     r = run("allocate", tiny_llama, "--budget", "3.0", "--scores", saved, "--score", "combined", "-o",
             tmp_path / "b.json", "-q")
     assert r.exit_code == 2 and "bitalloc scores" in r.output and not (tmp_path / "b.json").exists()
+
+
+def test_quantize_then_eval_the_checkpoint(tiny_llama, calib_file, heldout_file, tmp_path):
+    plan = tmp_path / "p.json"  # the tiny model's 64-column tensors need groups that divide 64
+    r = run("allocate", tiny_llama, "--budget", "3.5", "--calib", calib_file, "--candidates", "2g32,3g32,4g32",
+            "--calib-tokens", 512, "--seqlen", 128, "--score", "fisher", "-o", plan, "-q")
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "q"
+    r = run("quantize", tiny_llama, "--plan", plan, "--calib", calib_file, "--method", "rtn", "-o", out,
+            "--calib-tokens", 256, "--seqlen", 128, "-q")
+    assert r.exit_code == 0, r.output
+    assert (out / "config.json").exists() and (out / "bitalloc-plan.json").exists()
+    args = ("--text", heldout_file, "--tokens", 512, "--seqlen", 128, "--json", "-q")
+    stored = json.loads(run("eval", out, *args).output)
+    fake = json.loads(run("eval", tiny_llama, "--plan", plan, *args).output)
+    assert stored["perplexity"] == pytest.approx(fake["perplexity"], rel=1e-4)  # RTN codes, as stored
+    expect_user_error(run("quantize", tiny_llama, "--plan", plan, "--calib", calib_file, "--method", "rtn", "-o", out),
+                      "exists")
+    expect_user_error(run("eval", out, "--bits", 3, *args[:-2]), "already quantized")
+    expect_user_error(run("quantize", tiny_llama, "--plan", plan, "--calib", calib_file, "--method", "nope",
+                          "-o", tmp_path / "x"), "unknown rounding method")

@@ -1,5 +1,6 @@
 """The public functions: ``allocate`` a budget, sweep a ``frontier``, ``compute_scores``, ``evaluate`` a plan,
-``import_config`` from another quantizer. The CLI is a thin layer over them.
+``import_config`` from another quantizer, ``quantize`` a model by a plan into a pack-quantized checkpoint and
+``load_quantized`` / ``evaluate_quantized`` it. The CLI is a thin layer over them.
 
 Settings travel as two frozen configs (:class:`CalibrationConfig`, :class:`SolveConfig`) whose
 defaults are the only ones in the code. Importing this package does not import torch: the steps that
@@ -15,18 +16,19 @@ from .context import ModelContext
 
 load_scores = ErrorTable.load  # a saved error table, validated
 
+# name -> module of this package; these import torch, so they load on first use and
+# ``import bitalloc.api`` stays light (the re-solve path never imports torch)
+_LAZY = {"evaluate": "evaluation", "import_config": "importer", "quantize": "quantization", "load_quantized": "quantization",
+         "evaluate_quantized": "quantization", "is_quantized_checkpoint": "quantization",
+         "RoundingConfig": "quantization"}
+
 __all__ = ["CalibrationConfig", "Constraints", "FrontierPoint", "ModelContext", "SolveConfig", "allocate", "budgets",
-           "build_plan", "compute_scores", "evaluate", "frontier", "import_config", "load_scores"]
+           "build_plan", "compute_scores", "frontier", "load_scores", *sorted(_LAZY)]
 
 
 def __getattr__(name: str):
-    """``evaluate`` (torch) and ``import_config`` load on first use, keeping ``import bitalloc.api`` light."""
-    if name == "evaluate":
-        from .evaluation import evaluate
+    if name in _LAZY:
+        import importlib
 
-        return evaluate
-    if name == "import_config":
-        from .importer import import_config
-
-        return import_config
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'bitalloc.api' has no attribute {name!r}")

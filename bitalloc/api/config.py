@@ -9,6 +9,7 @@ defaults, so a default is never written twice.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
@@ -17,7 +18,7 @@ from ..allocator.ilp import DEFAULT_TIME_LIMIT_S
 from ..allocator.units import GRANULARITIES
 from ..errors import BitallocError, ConstraintError
 from ..model.calib import CALIB_SEQLEN, CALIB_TOKENS
-from ..plan import DEFAULT_CANDIDATES, Candidate
+from ..plan import DEFAULT_CANDIDATES, SLAB_WIDTH, Candidate
 from ..sensitivity.table import DEFAULT_SCORE
 
 
@@ -77,14 +78,22 @@ class SolveConfig:
 
 
 def parse_candidates(text: str) -> list[Candidate]:
-    """``'2,3,4,8'`` or ``'2g64,3g128,4g128'``: bits, optionally with a group size (default 128)."""
-    try:
-        return [Candidate(bits=int(b), group_size=int(g)) for b, g in
-                (item.split("g") if "g" in item else (item, "128") for item in text.split(","))]
-    except ValueError:
-        raise BitallocError(f"cannot parse --candidates {text!r}: use e.g. '2,3,4,8' or '2g64,3g128,4g128'") from None
+    """``'2,3,4,8'``, ``'2g64,3g128,4g128'`` or ``'4g128s'``: bits, optionally a group size (default 128) and
+    ``s`` for symmetric (no zero point stored)."""
+    out = []
+    for item in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:g(\d+))?(s?)\s*", item)
+        try:
+            if not m:
+                raise ValueError(item)
+            out.append(Candidate(bits=int(m.group(1)), group_size=int(m.group(2) or SLAB_WIDTH), symmetric=bool(m.group(3))))
+        except ValueError:
+            raise BitallocError(f"cannot parse --candidates {text!r}: use e.g. '2,3,4,8', '2g64,3g128,4g128' or "
+                                "'4g128s' (s: symmetric)") from None
+    return out
 
 
 def candidates_text(candidates: tuple[Candidate, ...]) -> str:
-    """The inverse of :func:`parse_candidates` for asymmetric candidates."""
-    return ",".join(str(c.bits) if c.group_size == 128 else f"{c.bits}g{c.group_size}" for c in candidates)
+    """The inverse of :func:`parse_candidates`."""
+    return ",".join(f"{c.bits}{'' if c.group_size == SLAB_WIDTH else f'g{c.group_size}'}{'s' if c.symmetric else ''}"
+                    for c in candidates)

@@ -1,0 +1,116 @@
+"""Held-out perplexity of each rounding method at uniform widths (RTN, GPTQ, GSQ, DiscQuant).
+
+    python benchmarks/rounding.py ../shared/models/llama-dense-16m \
+        --calib ../shared/data/python-calib.txt.xz --heldout ../shared/data/python-heldout.txt.xz \
+        --bits 2 3 --group 128 [--methods rtn gptq gsq discquant] [--device auto] [--set gsq_steps=200]
+
+Every tensor the default inventory quantizes (decoder linears; embeddings, head, norms and
+routers stay in full precision) gets the same candidate; each method quantizes the model through
+``bitalloc.rounding.apply.quantize_layers`` on GPTQ-style random calibration windows, and the
+result is scored with the evaluation protocol of docs/eval.md (first 32768 held-out tokens in
+windows of 512, fp32, one decoder layer at a time), the method's dequantized weights in place of
+RTN fake-quantization. With ``--methods rtn`` the numbers equal ``bitalloc eval --bits B``.
+Prints a markdown table (perplexity, wall seconds of quantization) and writes it as JSON with -o.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from bitalloc.model.calib import CALIB_SEQLEN, EVAL_SEQLEN, EVAL_TOKENS, calibration_windows, eval_windows, tokenize
+from bitalloc.model.checkpoint import Checkpoint
+from bitalloc.model.inventory import build_inventory
+from bitalloc.model.layerwise import LayerwiseModel, unit_view
+from bitalloc.plan import Candidate
+from bitalloc.progress import tracker
+from bitalloc.rounding.apply import METHODS, quantize_layers
+from bitalloc.rounding.base import Quantized
+from bitalloc.rounding.config import RoundingConfig
+from cache import model_parser
+
+EVAL_BATCH = 8
+
+
+def perplexity(ckpt: Checkpoint, ids: torch.Tensor, weights: dict[str, Quantized], device: str) -> float:
+    """docs/eval.md's protocol with the given quantized tensors substituted (decoder tensors only)."""
+    lm = LayerwiseModel(ckpt, device)
+    units = {u.tensor: u for u in build_inventory(ckpt).quantized}
+    by_layer: dict[int, list[str]] = {}
+    for name in weights:
+        by_layer.setdefault(units[name].layer, []).append(name)
+    ids = ids.to(lm.device)
+    with torch.no_grad():
+        norm_w, head_w = lm.head_weights()
+        h = lm.embedding_weight()[ids]
+        for i in range(lm.num_layers):
+            layer = lm.load_layer(i)
+            for name in by_layer.get(i, []):
+                unit_view(layer, units[name]).copy_(weights[name].dequantize())
+            lm.run_layer_batched(layer, h, h, EVAL_BATCH)
+            lm.release_layer(i)
+        total, n_pred = lm.total_loss(h, ids, norm_w, head_w)
+    return math.exp(total / n_pred)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``name=value`` pairs for RoundingConfig, values parsed as JSON (tuples as lists)."""
+    fields = {f.name: f for f in dataclasses.fields(RoundingConfig)}
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in fields:
+            raise SystemExit(f"unknown setting {name!r}; one of {', '.join(fields)}")
+        v = json.loads(value)
+        out[name] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def main() -> None:
+    ap = model_parser(__doc__)
+    ap.add_argument("--bits", type=int, nargs="+", default=[2, 3])
+    ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--calib-tokens", type=int, default=32768)
+    ap.add_argument("--seqlen", type=int, default=CALIB_SEQLEN)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--set", nargs="*", default=[], help="RoundingConfig overrides, e.g. gsq_steps=200")
+    ap.add_argument("-o", "--output", type=Path)
+    ap.add_argument("--verbose", action="store_true", help="log each layer's GSQ gain and DiscQuant's rounding")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+
+    config = RoundingConfig(**parse_overrides(args.set))
+    ckpt = Checkpoint(args.model)
+    calib = calibration_windows(tokenize(ckpt.path, args.calib), args.calib_tokens, args.seqlen, config.seed)
+    heldout = eval_windows(tokenize(ckpt.path, args.heldout), EVAL_TOKENS, EVAL_SEQLEN)
+    units = build_inventory(ckpt).quantized
+    rows = []
+    with tracker() as track:
+        for bits in args.bits:
+            cand = Candidate(bits=bits, group_size=args.group)
+            choices = {u.tensor: [(0, u.shape[-1], cand)] for u in units}
+            for method in args.methods:
+                t0 = time.perf_counter()
+                weights = quantize_layers(ckpt, choices, method, calib, config, args.device, track)
+                seconds = time.perf_counter() - t0
+                ppl = perplexity(ckpt, heldout, weights, args.device)
+                rows.append({"bits": bits, "group": args.group, "method": method, "perplexity": round(ppl, 4),
+                             "quantize_s": round(seconds, 1)})
+                print(json.dumps(rows[-1]), flush=True)
+    print(f"\nconfig: {config}\ncalibration: {calib.shape[0]} x {calib.shape[1]} tokens; device {args.device}\n")
+    print("| bits | group | method | perplexity | quantize wall s |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['bits']} | {r['group']} | {r['method']} | {r['perplexity']:.3f} | {r['quantize_s']} |")
+    if args.output:
+        args.output.write_text(json.dumps({"config": dataclasses.asdict(config), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
