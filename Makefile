@@ -20,9 +20,12 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(BIN)/python examples/build_demo_model.py $(DEMO)
-	$(BIN)/allocate $(DEMO)/model --budget 3.25bpp --calib $(DEMO)/data/calib.txt --calib-tokens 16384 \
-		--save-scores $(DEMO)/scores.safetensors -o $(DEMO)/plan-3.25.json
-	$(BIN)/bitalloc eval $(DEMO)/model --plan $(DEMO)/plan-3.25.json --text $(DEMO)/data/heldout.txt
+	$(BIN)/allocate $(DEMO)/model --budget 3.0bpp --calib $(DEMO)/data/calib.txt --calib-tokens 16384 \
+		--save-scores $(DEMO)/scores.safetensors -o $(DEMO)/plan-3.0.json
+	$(BIN)/bitalloc quantize $(DEMO)/model --plan $(DEMO)/plan-3.0.json --method gptq --calib $(DEMO)/data/calib.txt \
+		--calib-tokens 16384 -o $(DEMO)/model-3.0bpp --overwrite
+	$(BIN)/bitalloc eval $(DEMO)/model-3.0bpp --text $(DEMO)/data/heldout.txt
+	$(BIN)/bitalloc eval $(DEMO)/model --plan $(DEMO)/plan-3.0.json --text $(DEMO)/data/heldout.txt
 	$(BIN)/bitalloc eval $(DEMO)/model --bits 3 --text $(DEMO)/data/heldout.txt
 	$(BIN)/bitalloc eval $(DEMO)/model --text $(DEMO)/data/heldout.txt
 

@@ -1,8 +1,9 @@
-"""Held-out perplexity of each rounding method at uniform widths (RTN, GPTQ, GSQ, DiscQuant).
+"""Held-out perplexity of each rounding method (RTN, GPTQ, GSQ, DiscQuant) at uniform widths and on plans.
 
     python benchmarks/rounding.py ../shared/models/llama-dense-16m \
         --calib ../shared/data/python-calib.txt.xz --heldout ../shared/data/python-heldout.txt.xz \
-        --bits 2 3 --group 128 [--methods rtn gptq gsq discquant] [--device auto] [--set gsq_steps=200]
+        --bits 2 3 --group 128 [--plans plan-2.5.json ...] [--methods rtn gptq gsq discquant] [--device auto] \
+        [--set gsq_steps=200]
 
 Every tensor the default inventory quantizes (decoder linears; embeddings, head, norms and
 routers stay in full precision) gets the same candidate; each method quantizes the model through
@@ -10,7 +11,9 @@ routers stay in full precision) gets the same candidate; each method quantizes t
 result is scored with the evaluation protocol of docs/eval.md (first 32768 held-out tokens in
 windows of 512, fp32, one decoder layer at a time), the method's dequantized weights in place of
 RTN fake-quantization. With ``--methods rtn`` the numbers equal ``bitalloc eval --bits B``.
-Prints a markdown table (perplexity, wall seconds of quantization) and writes it as JSON with -o.
+With ``--plans`` each plan's widths (per tensor, segments included) are quantized by every method the
+same way. Prints a markdown table (perplexity, wall seconds and peak memory of quantization: GPU memory
+on CUDA, the process's peak RSS so far on CPU) and writes it as JSON with -o, a row at a time.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import dataclasses
 import json
 import logging
 import math
+import resource
 import time
 from pathlib import Path
 
@@ -28,7 +32,7 @@ from bitalloc.model.calib import CALIB_SEQLEN, EVAL_SEQLEN, EVAL_TOKENS, calibra
 from bitalloc.model.checkpoint import Checkpoint
 from bitalloc.model.inventory import build_inventory
 from bitalloc.model.layerwise import LayerwiseModel, unit_view
-from bitalloc.plan import Candidate
+from bitalloc.plan import Candidate, Plan
 from bitalloc.progress import tracker
 from bitalloc.rounding.apply import METHODS, quantize_layers
 from bitalloc.rounding.base import Quantized
@@ -74,7 +78,8 @@ def parse_overrides(items: list[str]) -> dict:
 
 def main() -> None:
     ap = model_parser(__doc__)
-    ap.add_argument("--bits", type=int, nargs="+", default=[2, 3])
+    ap.add_argument("--bits", type=int, nargs="*", default=[2, 3])
+    ap.add_argument("--plans", type=Path, nargs="*", default=[], help="plans (allocate -o) to quantize as well")
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--calib-tokens", type=int, default=32768)
@@ -91,25 +96,34 @@ def main() -> None:
     calib = calibration_windows(tokenize(ckpt.path, args.calib), args.calib_tokens, args.seqlen, config.seed)
     heldout = eval_windows(tokenize(ckpt.path, args.heldout), EVAL_TOKENS, EVAL_SEQLEN)
     units = build_inventory(ckpt).quantized
+    settings = [(f"uniform {b}-bit g{args.group}",
+                 {u.tensor: [(0, u.shape[-1], Candidate(bits=b, group_size=args.group))] for u in units})
+                for b in args.bits]
+    settings += [(f"{p.name} ({plan.budget.achieved_bpp:.3f} bpp)",
+                  {e.tensor: e.column_choices() for e in plan.entries if not e.locked})
+                 for p, plan in ((p, Plan.load(p)) for p in args.plans)]
     rows = []
     with tracker() as track:
-        for bits in args.bits:
-            cand = Candidate(bits=bits, group_size=args.group)
-            choices = {u.tensor: [(0, u.shape[-1], cand)] for u in units}
+        for label, choices in settings:
             for method in args.methods:
+                cuda = torch.cuda.is_available() and args.device != "cpu"
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
                 t0 = time.perf_counter()
                 weights = quantize_layers(ckpt, choices, method, calib, config, args.device, track)
                 seconds = time.perf_counter() - t0
+                peak = torch.cuda.max_memory_allocated() if cuda else \
+                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
                 ppl = perplexity(ckpt, heldout, weights, args.device)
-                rows.append({"bits": bits, "group": args.group, "method": method, "perplexity": round(ppl, 4),
-                             "quantize_s": round(seconds, 1)})
+                rows.append({"setting": label, "method": method, "perplexity": round(ppl, 4),
+                             "quantize_s": round(seconds, 1), "peak_mib": round(peak / 2**20)})
                 print(json.dumps(rows[-1]), flush=True)
+                if args.output:
+                    args.output.write_text(json.dumps({"config": dataclasses.asdict(config), "rows": rows}, indent=1))
     print(f"\nconfig: {config}\ncalibration: {calib.shape[0]} x {calib.shape[1]} tokens; device {args.device}\n")
-    print("| bits | group | method | perplexity | quantize wall s |\n|---|---|---|---|---|")
+    print("| setting | method | perplexity | quantize wall s | peak MiB |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['bits']} | {r['group']} | {r['method']} | {r['perplexity']:.3f} | {r['quantize_s']} |")
-    if args.output:
-        args.output.write_text(json.dumps({"config": dataclasses.asdict(config), "rows": rows}, indent=1))
+        print(f"| {r['setting']} | {r['method']} | {r['perplexity']:.3f} | {r['quantize_s']} | {r['peak_mib']} |")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ _BYTE_UNITS = {
     "gib": 2**30,
     "tib": 2**40,
 }
+MAX_BPP = 32  # bits per parameter above fp32 storage is not a budget but a typo
+_MAX_BUDGET_CHARS = 64  # longer is not a budget; also keeps the message one short line
+MAX_BUDGET_BYTES = 2**60  # an exabyte of weights: larger is a typo, and 1e300TB overflows float to inf
 _BUDGET_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 
 
@@ -74,18 +77,22 @@ def parse_budget(text: str | float) -> Budget:
     Decimal units (kB, MB, GB) are powers of 1000 and binary units (KiB, MiB, GiB) powers
     of 1024, as on disk listings; a bare ``B`` means bytes.
     """
+    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+        raise BudgetError(f"budget {text!r} is not a string or a number: use e.g. '2.5bpp', '2.5', '900MB' or '3GiB'")
     if isinstance(text, (int, float)):
         text = str(text)
-    m = _BUDGET_RE.match(text)
+    m = _BUDGET_RE.match(text) if len(text) <= _MAX_BUDGET_CHARS else None
     if not m:
-        raise BudgetError(f"cannot parse budget {text!r}: use e.g. '2.5bpp', '2.5', '900MB' or '3GiB'")
+        raise BudgetError(f"cannot parse budget {text[:_MAX_BUDGET_CHARS]!r}: use e.g. '2.5bpp', '2.5', '900MB' or "
+                          "'3GiB'")
     number, unit = float(m.group(1)), m.group(2).lower()
     if unit in ("", "bpp", "bpw"):
-        if not 0 < number <= 32:
-            raise BudgetError(f"budget {text!r} is not a plausible bits-per-parameter value (0 < bpp <= 32)")
+        if not 0 < number <= MAX_BPP:
+            raise BudgetError(f"budget {text!r} is not a plausible bits-per-parameter value (0 < bpp <= {MAX_BPP})")
         return Budget(number, "bpp", text)
     if unit not in _BYTE_UNITS:
         raise BudgetError(f"unknown budget unit {m.group(2)!r} in {text!r}: use bpp, B, kB, MB, GB, KiB, MiB or GiB")
-    if number <= 0:
-        raise BudgetError(f"budget {text!r} must be positive")
-    return Budget(number * _BYTE_UNITS[unit], "bytes", text)
+    size = number * _BYTE_UNITS[unit]
+    if not 1 <= size <= MAX_BUDGET_BYTES:  # also catches 1e300TB, which overflows to inf
+        raise BudgetError(f"budget {text!r} must be a size between 1 B and {MAX_BUDGET_BYTES // 2**50} PiB")
+    return Budget(size, "bytes", text)

@@ -16,6 +16,7 @@ decorator that hands them over as one :class:`~bitalloc.api.CalibrationConfig` o
 import functools
 import inspect
 import json
+import signal
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,17 +44,62 @@ def _plain_warnings() -> Iterator[None]:
         warnings.formatwarning = before
 
 
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread as SIGINT raises KeyboardInterrupt.
+
+    A BaseException, so ``except Exception`` cannot swallow it, and every ``finally`` on the way out runs:
+    the run's work directory and half-written temporary files are removed. Python's default for these
+    signals is to die on the spot, leaving gigabytes of activation stores behind.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+_TERMINATING = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
+
+
+@contextmanager
+def _signals_raise() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise :class:`_Terminated` while the command runs (previous handlers restored after).
+
+    The first one raises; repeats are ignored so that cleanup (removing one directory) is not cut short.
+    A signal the process already ignores stays ignored (``nohup bitalloc ...`` must survive a hangup).
+    """
+
+    def handler(signum: int, frame: Any) -> None:
+        for s in previous:
+            signal.signal(s, signal.SIG_IGN)
+        raise _Terminated(signum)
+
+    try:
+        previous = {s: signal.signal(s, handler) for s in _TERMINATING if signal.getsignal(s) is not signal.SIG_IGN}
+    except ValueError:  # only the main thread may set handlers; elsewhere the process keeps its own
+        previous = {}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def _user_errors(fn: Callable) -> Callable:
-    """Turn BitallocError into one line on stderr and exit code 2."""
+    """Turn BitallocError into one line on stderr and exit code 2; SIGTERM/SIGHUP into one line and 128 + signal."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         with _plain_warnings():
             try:
-                return fn(*args, **kwargs)
+                with _signals_raise():
+                    return fn(*args, **kwargs)
             except BitallocError as exc:
                 typer.echo(f"error: {exc}", err=True)
                 raise typer.Exit(EXIT_USAGE) from None
+            except _Terminated as exc:
+                typer.echo(f"error: stopped by {signal.Signals(exc.signum).name}; nothing written, temporary files "
+                           "removed", err=True)
+                raise typer.Exit(128 + exc.signum) from None
 
     return wrapper
 
@@ -101,10 +147,12 @@ def _calibration_options(only: Optional[tuple[str, ...]] = None) -> Callable[[Ca
 
     def build(candidates: str = candidates_text(d.candidates), calib_tokens: int = d.tokens, seqlen: int = d.seqlen,
               seed: int = d.seed, include_lm_head: bool = d.include_lm_head,
-              include_embeddings: bool = d.include_embeddings, device: str = d.device) -> CalibrationConfig:
+              include_embeddings: bool = d.include_embeddings, device: str = d.device,
+              workdir: Optional[Path] = None, rounding: str = d.rounding) -> CalibrationConfig:
         return CalibrationConfig(tokens=calib_tokens, seqlen=seqlen, seed=seed, device=device,
                                  include_lm_head=include_lm_head, include_embeddings=include_embeddings,
-                                 candidates=tuple(parse_candidates(candidates)))
+                                 candidates=tuple(parse_candidates(candidates)),
+                                 workdir=None if workdir is None else str(workdir), rounding=rounding)
 
     opt = typer.Option
     options = (
@@ -118,6 +166,12 @@ def _calibration_options(only: Optional[tuple[str, ...]] = None) -> Callable[[Ca
         _Option("include_embeddings", Annotated[bool, opt(help="Quantize the token embedding too (locked by default).")],
                 d.include_embeddings),
         _Option("device", Annotated[str, opt(help="'cpu', 'cuda', 'cuda:N' or 'auto'.")], d.device),
+        _Option("workdir", Annotated[Optional[Path], opt(help="Directory in which the run's work directory "
+                                                              "(activation stores, removed at the end) is made; "
+                                                              "default $TMPDIR.")], d.workdir),
+        _Option("rounding", Annotated[str, opt(help="Whose weight error the table predicts: rtn, or gptq (a plan made "
+                                                    "for `quantize --method gptq`; docs/sensitivity.md).")],
+                d.rounding),
     )
     return _options("calibration", tuple(o for o in options if only is None or o.name in only), build)
 
@@ -178,6 +232,8 @@ Calib = Annotated[Optional[Path], typer.Option("--calib", help="Calibration text
 Scores = Annotated[Optional[Path], typer.Option("--scores", help="Re-solve from a saved error table instead of "
                                                                   "calibrating.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")]
+# ``ctx.params`` holds every option as given, also those an options decorator turned into a config:
+# ``--time-table`` becomes a mapping in SolveConfig, but its file is still an input the output policy protects.
 
 
 @app.command("allocate")
@@ -185,6 +241,7 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or 
 @_calibration_options()
 @_solve_options()
 def allocate_cmd(
+    ctx: typer.Context,
     model: ModelArg,
     budget: Annotated[str, typer.Option("--budget", "-b", help="'2.5bpp', '2.5', or a size of quantized tensors: "
                                                                "'900MB', '3GiB'.")],
@@ -198,12 +255,12 @@ def allocate_cmd(
 ) -> None:
     """Choose bits for every tensor so that the model meets the budget exactly."""
     from .api import allocate
-    from .plan import check_writable
+    from .api.outputs import Inputs, check_output_files
     from .progress import tracker
 
-    check_writable(output)
-    if save_scores is not None:
-        check_writable(save_scores)
+    inputs = Inputs.of({"the --calib text": calib, "the --scores file": scores,
+                        "the --time-table file": ctx.params["time_table"]}, models=[model])
+    check_output_files(inputs, output, save_scores)
     with tracker(quiet) as track:
         plan = allocate(model, budget, calib, scores=scores, calibration=calibration, solve=solve,
                         save_scores=save_scores, track=track)
@@ -218,6 +275,7 @@ def allocate_cmd(
 @_calibration_options()
 @_solve_options()
 def frontier_cmd(
+    ctx: typer.Context,
     model: ModelArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory for plan-<bpp>.json, frontier.csv, "
                                                                 "frontier.png.")],
@@ -234,10 +292,13 @@ def frontier_cmd(
 ) -> None:
     """Solve every budget of a sweep from one sensitivity pass; write plans, a CSV and a plot."""
     from .api import budgets, frontier
+    from .api.outputs import Inputs, check_output_dir
     from .progress import tracker
-    from .report.frontier import check_directory, write_frontier
+    from .report.frontier import FRONTIER_FILES, write_frontier
 
-    check_directory(output)
+    inputs = Inputs.of({"the --calib text": calib, "the --scores file": scores, "the --eval text": eval_text,
+                        "the --time-table file": ctx.params["time_table"]}, models=[model])
+    check_output_dir(output, inputs, FRONTIER_FILES)
     targets = budgets(start, stop, step)
     with tracker(quiet) as track:
         points = frontier(model, targets, calib, scores=scores, calibration=calibration, solve=solve,
@@ -263,10 +324,10 @@ def scores_cmd(
 ) -> None:
     """Compute and save the error table only; `allocate --scores` re-solves any budget from it."""
     from .api import compute_scores
-    from .plan import check_writable
+    from .api.outputs import Inputs, check_output_file
     from .progress import tracker
 
-    check_writable(output)
+    check_output_file(output, Inputs.of({"the --calib text": calib}, models=[model]))
     with tracker(quiet) as track:
         table = compute_scores(model, calib, calibration, track)
     table.save(output)
@@ -279,7 +340,7 @@ def scores_cmd(
 
 @app.command("quantize")
 @_user_errors
-@_calibration_options(only=("calib_tokens", "seqlen", "seed", "device"))
+@_calibration_options(only=("calib_tokens", "seqlen", "seed", "device", "workdir"))
 def quantize_cmd(
     model: ModelArg,
     plan: Annotated[Path, typer.Option("--plan", help="Plan JSON (from `allocate`) that sets every tensor's width.")],
@@ -293,8 +354,11 @@ def quantize_cmd(
 ) -> None:
     """Quantize MODEL as the plan says into a checkpoint that transformers and `bitalloc eval` load."""
     from .api import quantize
+    from .api.outputs import Inputs, check_output_dir
     from .progress import tracker
 
+    # OUT is replaced as a whole (--overwrite): no input may live anywhere inside it
+    check_output_dir(output, Inputs.of({"the --plan file": plan, "the --calib text": calib}, models=[model]), ("*",))
     with tracker(quiet) as track:
         out = quantize(model, plan, method, calib, out=output, calibration=calibration, overwrite=overwrite,
                        track=track)
@@ -361,10 +425,11 @@ def export_cmd(
     output: Annotated[Path, typer.Option("--output", "-o", help="File to write.")],
 ) -> None:
     """Write the plan as another quantizer's config (README: 'Use your plan with ...')."""
+    from .api.outputs import Inputs, check_output_file
     from .export import export_plan
-    from .plan import Plan, atomic_write_text, check_writable
+    from .plan import Plan, atomic_write_text
 
-    check_writable(output)
+    check_output_file(output, Inputs.of({"the plan": plan}))
     text, notes = export_plan(Plan.load(plan), to)
     atomic_write_text(output, text)
     for n in notes:
@@ -384,9 +449,9 @@ def import_cmd(
 ) -> None:
     """Read another quantizer's config into a plan (exact bits per tensor)."""
     from .api import import_config
-    from .plan import check_writable
+    from .api.outputs import Inputs, check_output_file
 
-    check_writable(output)
+    check_output_file(output, Inputs.of({"the imported config": config, "the --scores file": scores}, models=[model]))
     plan = import_config(config, model, scores)
     plan.save(output)
     typer.echo(f"wrote {output}: {plan.budget.achieved_bpp:.4f} bpp ({plan.solver.name})")
@@ -418,11 +483,12 @@ def report_cmd(
     """One plan: heatmap of bits by layer x role (and expert), histogram, target vs achieved.
     Several plans: their predicted error against achieved bpp (the frontier)."""
     from .api import FrontierPoint
-    from .plan import Plan, atomic_write_bytes, check_writable
+    from .api.outputs import Inputs, check_output_file
+    from .plan import Plan, atomic_write_bytes
     from .report.frontier import frontier_png
     from .report.plan_png import render
 
-    check_writable(png)
+    check_output_file(png, Inputs.of({"a plan given": plans}))
     loaded = [Plan.load(p) for p in plans]
     if len(loaded) == 1:
         atomic_write_bytes(png, render(loaded[0]))

@@ -10,10 +10,12 @@ other tools can validate against (regenerate with ``python -m bitalloc.plan``).
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
-import tempfile
+import secrets
+import stat
 from collections import Counter, defaultdict
 from enum import Enum
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .budget import STORAGE_LAYOUT, nominal_bpp, tensor_bits
-from .errors import OutputError, PlanError
+from .errors import BitallocError, OutputError, PlanError
 
 PLAN_FORMAT = "bitalloc.plan"
 PLAN_VERSION = 2  # bump only with a migration in Plan.load; readers refuse other versions
@@ -206,6 +208,7 @@ class ScoresInfo(_Strict):
     predictor: str
     formula: str
     calibration_loss: Optional[float] = None
+    rounding: Literal["rtn", "gptq"] = "rtn"  # whose weight error the predictions are (rounding-aware plans)
 
 
 class Plan(_Strict):
@@ -235,11 +238,15 @@ class Plan(_Strict):
         cands = {c.id for c in self.candidates}
         by_name = {e.tensor: e for e in self.entries}
         for e in self.entries:
+            if not e.shape or min(e.shape) < 1:
+                raise ValueError(f"{e.tensor}: shape {e.shape} is not a list of positive dimensions")
             if e.numel != math.prod(e.shape):
                 raise ValueError(f"{e.tensor}: numel {e.numel} does not match shape {e.shape}")
             if e.locked:
                 if e.bits != LOCKED_BITS or e.group_size is not None:
                     raise ValueError(f"{e.tensor}: locked entries keep {LOCKED_BITS} bits and no group size")
+                if not e.reason:  # the summary and reports group locked tensors by it
+                    raise ValueError(f"{e.tensor}: a locked entry says why in 'reason'")
             elif e.group_size is None or e.candidate.id not in cands:
                 raise ValueError(f"{e.tensor}: bits={e.bits} group_size={e.group_size} is not one of the candidates {sorted(cands)}")
             elif e.segments:
@@ -275,12 +282,17 @@ class Plan(_Strict):
     def load(cls, path: str | os.PathLike) -> "Plan":
         """Read and validate a plan; any problem raises :class:`PlanError` with a one-line reason."""
         p = Path(path)
+        check_path(p, "plan file", PlanError)
         if not p.is_file():
             raise PlanError(f"plan file not found: {p}")
         try:
             data = json.loads(p.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise PlanError(f"{p} is not valid JSON: {exc}") from None
+        except RecursionError:  # json recurses once per nesting level; a plan is a few levels deep
+            raise PlanError(f"{p} is nested too deeply to be a plan; make it again with `allocate`") from None
+        except OSError as exc:
+            raise PlanError(f"cannot read {p}: {exc.strerror}") from None
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
             raise PlanError(f"{p} is not a bitalloc plan (missing format: {PLAN_FORMAT!r})")
         if data.get("version") == 1:
@@ -327,6 +339,22 @@ class Plan(_Strict):
         return "\n".join(lines)
 
 
+def check_path(path: str | os.PathLike, what: str, error: type[BitallocError]) -> None:
+    """Refuse, as ``error``, an input path the OS cannot even look up (a name over 255 bytes, a path over
+    PATH_MAX, no permission on a parent): ``Path.is_file()`` raises on those instead of answering False.
+    A path that does not exist passes; the caller says what is missing."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    except OSError as exc:
+        hint = "use a shorter path" if exc.errno == errno.ENAMETOOLONG else "check the path and its permissions"
+        raise error(f"cannot read {what} {str(path)[:80]}{'...' if len(str(path)) > 80 else ''}: {exc.strerror}; "
+                    f"{hint}") from None
+    except ValueError:  # an embedded NUL byte
+        raise error(f"{what} path {str(path)[:80]!r} contains a NUL byte; fix the path") from None
+
+
 def _migrate_v1(data: dict) -> dict:
     """A version-1 plan as version 2: the same choices, re-priced with zero points at the code width.
 
@@ -336,21 +364,24 @@ def _migrate_v1(data: dict) -> dict:
     try:
         entries = [Entry.model_validate(e) for e in data["entries"]]
         budget = dict(data["budget"])
-    except (KeyError, TypeError, ValidationError):
-        return data  # not migratable: validation of the original reports the problem
-    counted = [e for e in entries if not e.locked]
-    params = sum(e.numel for e in counted)
-    bits = sum(e.storage_bits for e in counted)
-    locked = sum(e.storage_bits for e in entries if e.locked)
+        old_bpp = budget.get("achieved_bpp")
+        notes = list(data.get("notes", []))
+        if any(not e.shape or min(e.shape) < 1 or e.numel != math.prod(e.shape) for e in entries):
+            raise ValueError("shape")
+        counted = [e for e in entries if not e.locked]
+        params = sum(e.numel for e in counted)
+        bits = sum(e.storage_bits for e in counted)  # TypeError or ZeroDivisionError on a bad group size
+        locked = sum(e.storage_bits for e in entries if e.locked)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):  # pydantic's ValidationError is a ValueError
+        return {**data, "version": PLAN_VERSION}  # not migratable: validation as version 2 names the bad field
     budget.update(achieved_bpp=bits / params if params else 0.0, achieved_bytes=(bits + 7) // 8,
                   total_bytes=(bits + locked + 7) // 8)
-    old_bpp = data["budget"].get("achieved_bpp")
     note = (f"re-priced from plan version 1 (16-bit zero per group) to {STORAGE_LAYOUT} storage: "
             f"{old_bpp} -> {budget['achieved_bpp']:.6f} bpp; the choices are unchanged")
     return {**data, "version": PLAN_VERSION, "layout": STORAGE_LAYOUT, "budget": budget,
             "entries": [e.model_copy(update={"bpp": e.storage_bits / e.numel}).model_dump(mode="json")
                         if not e.locked else e.model_dump(mode="json") for e in entries],
-            "notes": [*data.get("notes", []), note]}
+            "notes": [*notes, note]}
 
 
 def _check_segments(e: Entry, cands: set[str]) -> None:
@@ -392,37 +423,45 @@ def atomic_write_text(path: Path, text: str) -> Path:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise OutputError(f"cannot write {path}: directory {directory} does not exist")
+    """Write ``data`` to ``path`` via a temporary file beside the target and a rename; returns ``path``.
+
+    A reader never sees a half-written file and a failure leaves the old one. A symlinked ``path`` is
+    written through (its target is replaced, the link kept), so the file the output policy checked
+    (:mod:`bitalloc.api.outputs`) is the file replaced. An existing target that is not a regular file is
+    refused here too, at write time: a rename over ``/dev/null`` or a FIFO would replace it with a regular
+    file. The replaced file keeps its permission bits; a new one gets the umask default (0666 & ~umask).
+    """
+    target = Path(os.path.realpath(path))
     try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+        old_mode: Optional[int] = os.stat(target).st_mode
+    except FileNotFoundError:
+        old_mode = None
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror}") from None
+    if old_mode is not None and not stat.S_ISREG(old_mode):
+        raise OutputError(f"refusing to write {path}: it exists and is not a regular file")
+    if not target.parent.is_dir():
+        raise OutputError(f"cannot write {path}: directory {target.parent} does not exist")
+    tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+    try:
+        # os.open applies the umask to 0o666, as open() does for a new file (mkstemp would give 0600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
+            if old_mode is not None:
+                os.fchmod(f.fileno(), stat.S_IMODE(old_mode))
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {exc.strerror}") from None
-    return path
-
-
-def check_writable(path: str | os.PathLike) -> Path:
-    """Fail before hours of work if the output cannot be written later."""
-    p = Path(path)
-    directory = p.parent if str(p.parent) else Path(".")
-    if p.is_dir():
-        raise OutputError(f"cannot write {p}: it is a directory")
-    if not directory.is_dir():
-        raise OutputError(f"cannot write {p}: directory {directory} does not exist")
-    if not os.access(directory, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise OutputError(f"cannot write {p}: permission denied")
-    return p
+        os.replace(tmp, target)
+    except BaseException as exc:  # an interrupt too: never leave the temporary file behind
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write {path}: {exc.strerror}") from None
+        raise
+    return Path(path)
 
 
 def json_schema() -> dict:

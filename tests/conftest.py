@@ -162,6 +162,20 @@ def moe_scores(tiny_moe, calib_file):
     return bitalloc.compute_scores(tiny_moe, calib_file, bitalloc.CalibrationConfig(tokens=512, seqlen=128))
 
 
+def expect_user_error(result, *needles: str, written: Path | None = None) -> str:
+    """A refused CLI call: exit 2, exactly one ``error:`` line containing ``needles``, no traceback, and
+    ``written`` (when given) not created. Returns the line."""
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output
+    for n in needles:
+        assert n in lines[0], lines[0]
+    if written is not None:
+        assert not written.exists()
+    return lines[0]
+
+
 def png_pixels(data: bytes):
     """The decoded RGB pixels of a PNG, [height, width, 3] floats in [0, 1] (checks the signature first)."""
     import io

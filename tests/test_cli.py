@@ -12,6 +12,8 @@ from typer.testing import CliRunner
 from bitalloc.cli import app
 from bitalloc.plan import Plan
 
+from .conftest import expect_user_error
+
 runner = CliRunner()
 
 
@@ -91,17 +93,6 @@ def test_byte_budget(tiny_llama, scores, tmp_path):
 def _copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
-
-
-def expect_user_error(result, *needles: str, written: Path | None = None) -> None:
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert "Traceback" not in result.output
-    for n in needles:
-        assert n in lines[0], lines[0]
-    if written is not None:
-        assert not written.exists()
 
 
 def test_missing_model_dir(tmp_path, calib_file):

@@ -162,6 +162,16 @@ def test_report_png_draws_the_plan(plan, moe_plan):
     assert moe.shape[1] > dense.shape[1]  # one more panel per expert role
 
 
+def test_report_refuses_plans_of_different_models(plan, moe_plan, tmp_path):
+    from typer.testing import CliRunner
+
+    from bitalloc.cli import app
+
+    a, b = plan.save(tmp_path / "a.json"), moe_plan.save(tmp_path / "b.json")
+    r = CliRunner().invoke(app, ["report", str(a), str(b), "--png", str(tmp_path / "f.png")])
+    assert r.exit_code == 2 and "different models" in r.output and not (tmp_path / "f.png").exists()
+
+
 def test_report_leaves_matplotlib_global_state_alone(plan):
     import matplotlib
 

@@ -19,6 +19,17 @@ from ..errors import ConstraintError
 from ..plan import Candidate, Role
 
 
+MAX_BITS = 8  # the widest code a Candidate may have (bits run 1..MAX_BITS)
+MAX_GROUP_SIZE = 2**20  # wider than any weight's row: a larger group is a typo, and 10^20 overflows the pricing
+
+
+def _bits(text: str, what: str) -> int:
+    """A bit width from its digits, refused unless 1 <= bits <= MAX_BITS (99 or 10^5000 is a typo)."""
+    if len(text) > 3 or not 1 <= int(text) <= MAX_BITS:
+        raise ConstraintError(f"{what}: {text[:20]} bits is out of range; use 1 to {MAX_BITS}")
+    return int(text)
+
+
 @dataclass(frozen=True)
 class Pin:
     text: str
@@ -40,15 +51,18 @@ def parse_pin(text: str) -> Pin:
         pattern = re.compile(regex)
     except re.error as exc:
         raise ConstraintError(f"pin {text!r} has an invalid regular expression: {exc}") from None
-    return Pin(text, pattern, int(m.group(1)), int(m.group(2)) if m.group(2) else None)
+    group = m.group(2)
+    if group and (len(group) > 7 or not 1 <= int(group) <= MAX_GROUP_SIZE):
+        raise ConstraintError(f"pin {text[:60]!r}: group {group[:20]} is out of range; use 1 to {MAX_GROUP_SIZE}")
+    return Pin(text, pattern, _bits(m.group(1), f"pin {text!r}"), int(group) if group else None)
 
 
 def _parse_range(text: str, what: str) -> tuple[int, int]:
     m = re.fullmatch(r"\s*(\d+)\s*(?::\s*(\d+)\s*)?", text)
     if not m:
         raise ConstraintError(f"cannot parse {what} {text!r}: use BITS or LO:HI")
-    lo = int(m.group(1))
-    hi = int(m.group(2)) if m.group(2) else lo
+    lo = _bits(m.group(1), f"{what} {text!r}")
+    hi = _bits(m.group(2), f"{what} {text!r}") if m.group(2) else lo
     if lo > hi:
         raise ConstraintError(f"{what} {text!r}: the lower bound exceeds the upper bound")
     return lo, hi
@@ -67,6 +81,9 @@ class Constraints:
     bits_ranges: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for option, value in (("--min-bits", self.min_bits), ("--max-bits", self.max_bits)):
+            if value is not None and not (isinstance(value, int) and 1 <= value <= MAX_BITS):
+                raise ConstraintError(f"{option} {value!r} is out of range; use 1 to {MAX_BITS}")
         if self.min_bits is not None and self.max_bits is not None and self.min_bits > self.max_bits:
             raise ConstraintError(f"--min-bits {self.min_bits} exceeds --max-bits {self.max_bits}")
         self.parsed_pins()

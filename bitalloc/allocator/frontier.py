@@ -12,8 +12,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-import numpy as np
-
+from ..budget import MAX_BPP
 from ..errors import BudgetError
 from ..plan import Plan
 
@@ -34,11 +33,15 @@ class FrontierPoint:
 def budgets(start: float, stop: float, step: float) -> list[float]:
     """start, start + step, ... up to stop (inclusive, to 1e-9 of a step)."""
     if not all(math.isfinite(x) for x in (start, stop, step)) or step <= 0 or stop < start:
-        raise BudgetError(f"empty sweep: --from {start} --to {stop} --step {step}")
-    n = int(np.floor((stop - start) / step + 1e-9)) + 1
+        raise BudgetError(f"empty sweep: --from {start} --to {stop} --step {step} (finite numbers, --step > 0, "
+                          "--from <= --to)")
+    if not 0 < start <= stop <= MAX_BPP:
+        raise BudgetError(f"--from {start} --to {stop}: budgets are bits per parameter, 0 < bpp <= {MAX_BPP}")
+    span = (stop - start) / step  # inf for a denormal step
+    n = math.floor(span + 1e-9) + 1 if span < MAX_POINTS else MAX_POINTS + 1
     if n > MAX_POINTS:
-        raise BudgetError(f"--from {start} --to {stop} --step {step} is {n} budgets; at most {MAX_POINTS} "
-                          f"(use a larger --step)")
+        raise BudgetError(f"--from {start} --to {stop} --step {step} is over {MAX_POINTS} budgets "
+                          "(use a larger --step)")
     return [round(start + i * step, 10) for i in range(n)]
 
 

@@ -48,14 +48,18 @@ def compute_scores(model: str | Path, calib: str | Path, calibration: Optional[C
 def _measure(ctx: ModelContext, calib: str | Path, calibration: CalibrationConfig, track: Tracker,
              with_combined: bool) -> ErrorTable:
     from ..model.calib import calibration_windows, tokenize_hashed
-    from ..model.layerwise import resolve_device
+    from ..model.layerwise import resolve_device, run_workdir
+    from ..rounding.config import RoundingConfig
     from ..sensitivity.collect import measure_errors
 
     resolve_device(calibration.device)  # a bad device fails before tokenizing
-    tokens = tokenize_hashed(ctx.ckpt.path, calib)
-    windows = calibration_windows(tokens.ids, calibration.tokens, calibration.seqlen, calibration.seed)
-    table = measure_errors(ctx.ckpt, ctx.inv, windows, list(calibration.candidates), device=calibration.device,
-                           track=track, seed=calibration.seed, with_combined=with_combined)
+    with run_workdir(calibration.workdir) as workdir:  # an unusable --workdir fails before tokenizing too
+        ctx.ckpt.check_seqlen(calibration.seqlen)
+        tokens = tokenize_hashed(ctx.ckpt.path, calib, calibration.tokens)
+        windows = calibration_windows(tokens.ids, calibration.tokens, calibration.seqlen, calibration.seed)
+        table = measure_errors(ctx.ckpt, ctx.inv, windows, list(calibration.candidates), device=calibration.device,
+                               track=track, workdir=workdir, seed=calibration.seed, with_combined=with_combined,
+                               rounding=RoundingConfig() if calibration.rounding == "gptq" else None)
     table.meta["calibration"] = {"file": str(calib), "sha256": tokens.sha256, "tokens": int(windows.numel()),
                                  "seqlen": calibration.seqlen, "seed": calibration.seed}
     return table
@@ -101,6 +105,10 @@ def _table(ctx: ModelContext, calib: Optional[str | Path], scores: Optional[str 
     if scores is not None:
         table = scores if isinstance(scores, ErrorTable) else ErrorTable.load(scores)
         table.check_matches(ctx.ckpt.config_sha256, ctx.ckpt.index_sha256, ctx.candidates, ctx.needs_errors)
+        made_for = table.meta.get("rounding", "rtn")
+        if made_for != calibration.rounding:
+            raise ScoresError(f"the score file predicts {made_for.upper()}'s errors, not {calibration.rounding.upper()}'s; "
+                              f"use --rounding {made_for} or recompute with --calib")
         if calib is not None:  # both given: the table must come from this calibration text
             from ..model.calib import file_sha256
 
@@ -190,7 +198,8 @@ def build_plan(ctx: ModelContext, problem: Problem, assignment: Assignment, tabl
         constraints=_constraints_info(ctx.solve),
         calibration=CalibrationInfo(**cal) if cal else None,
         scores=ScoresInfo(predictor=table.score, formula=table.meta.get("formulas", {}).get(table.score, ""),
-                          calibration_loss=table.meta.get("calibration_loss")),
+                          calibration_loss=table.meta.get("calibration_loss"),
+                          rounding=table.meta.get("rounding", "rtn")),
     )
 
 

@@ -14,12 +14,16 @@ from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 from ..allocator import SOLVERS, Constraints
+from ..allocator.constraints import MAX_BITS, MAX_GROUP_SIZE
 from ..allocator.ilp import DEFAULT_TIME_LIMIT_S
 from ..allocator.units import GRANULARITIES
-from ..errors import BitallocError, ConstraintError
+from ..errors import BitallocError, CalibrationError, ConstraintError
 from ..model.calib import CALIB_SEQLEN, CALIB_TOKENS
 from ..plan import DEFAULT_CANDIDATES, SLAB_WIDTH, Candidate
 from ..sensitivity.table import DEFAULT_SCORE
+
+
+ROUNDINGS = ("rtn", "gptq")  # the weight errors a table can predict (docs/sensitivity.md, rounding-aware plans)
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,11 @@ class CalibrationConfig:
     """How the calibration pass runs: ``tokens`` in windows of ``seqlen`` sampled with ``seed``.
 
     ``include_lm_head`` / ``include_embeddings`` unlock those tensors (locked at 16 bit by default);
-    ``candidates`` are the (bits, group) choices the table prices.
+    ``candidates`` are the (bits, group) choices the table prices. ``rounding`` says whose weight error
+    the table predicts: RTN's, or GPTQ's under each unit's H with the default ``RoundingConfig`` (a plan
+    made for ``bitalloc quantize --method gptq``). ``workdir`` is where the run's work
+    directory (memory-mapped activations, removed when the run ends however it ends) is made; None: $TMPDIR.
+    It changes where files go, never what the table holds.
     """
 
     tokens: int = CALIB_TOKENS
@@ -37,6 +45,29 @@ class CalibrationConfig:
     include_lm_head: bool = False
     include_embeddings: bool = False
     candidates: tuple[Candidate, ...] = DEFAULT_CANDIDATES
+    workdir: Optional[str] = None
+    rounding: str = "rtn"  # whose weight error the table predicts: rtn, or gptq (rounding-aware plans)
+
+    def __post_init__(self) -> None:
+        # Refused here, before any file is opened: each of these used to be silently replaced or crash hours in.
+        check_count(self.seqlen, "--seqlen", "calibration window length in tokens")
+        check_count(self.tokens, "--calib-tokens", "number of calibration tokens")
+        if self.tokens < self.seqlen:
+            raise CalibrationError(f"--calib-tokens {self.tokens} is less than one window of --seqlen {self.seqlen}; "
+                                   "raise --calib-tokens or lower --seqlen")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ConstraintError(f"--seed {self.seed!r} must be an integer in [0, 2^63)")
+        if not isinstance(self.device, str) or not _DEVICE_RE.fullmatch(self.device):
+            raise BitallocError(f"unknown device {self.device!r}: use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        if self.rounding not in ROUNDINGS:
+            raise BitallocError(f"unknown --rounding {self.rounding!r}; choose one of {', '.join(ROUNDINGS)}")
+        if not self.candidates:
+            raise BitallocError("no candidates: give at least one, e.g. --candidates 2,3,4,8")
+        for c in self.candidates:
+            check_candidate(c.bits, c.group_size)
+        if len(set(self.candidates)) < len(self.candidates):
+            raise BitallocError(f"--candidates {candidates_text(self.candidates)!r} lists a candidate twice; "
+                                "list each once")
 
 
 @dataclass(frozen=True)
@@ -77,6 +108,29 @@ class SolveConfig:
         return [float(self.time_table[c.id]) for c in candidates]
 
 
+MAX_COUNT = 2**31  # tokens or a window length beyond this is a typo, and overflows int32 indexing
+_DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def check_count(value: int, option: str, what: str) -> None:
+    """A positive integer option (tokens, window length), bounded; 0 or negative used to be silently replaced."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_COUNT:
+        raise CalibrationError(f"{option} {value!r} must be a positive integer (the {what}), at most {MAX_COUNT}")
+
+
+def check_candidate(bits: int, group_size: int, symmetric: bool = False) -> Candidate:
+    """One (bits, group) choice, in range: 1 <= bits <= 8 and 1 <= group <= 2^20."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
+        raise BitallocError(f"{bits!r} bits is out of range: use 1 to {MAX_BITS} bits")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or not 1 <= group_size <= MAX_GROUP_SIZE:
+        raise BitallocError(f"group size {group_size!r} is out of range: use 1 to {MAX_GROUP_SIZE} columns "
+                            f"(default {SLAB_WIDTH})")
+    return Candidate(bits=bits, group_size=group_size, symmetric=symmetric)
+
+
+_CANDIDATE_SYNTAX = "use e.g. '2,3,4,8', '2g64,3g128,4g128' or '4g128s' (s: symmetric)"
+
+
 def parse_candidates(text: str) -> list[Candidate]:
     """``'2,3,4,8'``, ``'2g64,3g128,4g128'`` or ``'4g128s'``: bits, optionally a group size (default 128) and
     ``s`` for symmetric (no zero point stored)."""
@@ -86,10 +140,13 @@ def parse_candidates(text: str) -> list[Candidate]:
         try:
             if not m:
                 raise ValueError(item)
-            out.append(Candidate(bits=int(m.group(1)), group_size=int(m.group(2) or SLAB_WIDTH), symmetric=bool(m.group(3))))
+            bits, group = int(m.group(1)), int(m.group(2) or SLAB_WIDTH)  # ValueError past 4300 digits
         except ValueError:
-            raise BitallocError(f"cannot parse --candidates {text!r}: use e.g. '2,3,4,8', '2g64,3g128,4g128' or "
-                                "'4g128s' (s: symmetric)") from None
+            raise BitallocError(f"cannot parse --candidates {text[:60]!r}: {_CANDIDATE_SYNTAX}") from None
+        try:
+            out.append(check_candidate(bits, group, bool(m.group(3))))
+        except BitallocError as exc:
+            raise BitallocError(f"--candidates {item.strip()[:40]!r}: {exc}; {_CANDIDATE_SYNTAX}") from None
     return out
 
 

@@ -19,16 +19,18 @@ from typing import Optional
 
 import torch
 
-from ..errors import PlanError
+from ..errors import CalibrationError, CheckpointError, PlanError
 from ..model.calib import EVAL_SEQLEN, EVAL_TOKENS, eval_windows, tokenize
 from ..model.checkpoint import Checkpoint
 from ..model.inventory import Unit, build_inventory
 from ..model.layerwise import LayerwiseModel, resolve_device, unit_view
-from ..plan import Candidate, Plan, Role
+from ..plan import SLAB_WIDTH, Plan, Role
 from ..progress import SILENT, Tracker
 from ..rounding.rtn import Runs, fake_quantize
+from .config import check_candidate, check_count
 
 EVAL_BATCH = 8
+_NOT_QUANTIZABLE = (Role.norm, Role.bias, Role.router, Role.other)  # locked whatever the flags
 
 
 @dataclass(frozen=True)
@@ -47,19 +49,43 @@ def quantization_map(ckpt: Checkpoint, plan: Optional[Plan], bits: Optional[int]
         return {e.tensor: (units[e.tensor], e.column_choices()) for e in plan.entries if not e.locked}
     if bits is None:
         return {}
-    cand = Candidate(bits=bits, group_size=group_size)
+    cand = check_candidate(bits, group_size)
     return {u.tensor: (u, [(0, u.shape[-1], cand)]) for u in build_inventory(ckpt).quantized}
 
 
 def check_plan_matches(plan: Plan, ckpt: Checkpoint) -> dict[str, Unit]:
-    """Refuse a plan for another model; return the checkpoint's units by tensor name."""
+    """Refuse a plan for another model, or one whose entries do not describe this checkpoint; return the
+    checkpoint's units by tensor name.
+
+    The hashes match for a hand-edited plan too, so every entry is checked against the checkpoint: a
+    missing tensor would silently stay unquantized, a wrong shape or role would quantize the wrong thing,
+    and a group wider than the tensor makes RTN pad every row to the group (1e9 columns: 512 GB).
+    """
     if plan.model.config_sha256 != ckpt.config_sha256 or plan.model.index_sha256 != ckpt.index_sha256:
         raise PlanError(f"the plan was made for a different model ({plan.model.path}, arch {plan.model.arch}); "
                         f"its config or weight index hash does not match {ckpt.path}")
     units = {u.tensor: u for u in build_inventory(ckpt, include_lm_head=True, include_embeddings=True).units}
-    unknown = [e.tensor for e in plan.entries if e.tensor not in units]
-    if unknown:
-        raise PlanError(f"the plan names tensor {unknown[0]!r}, which {ckpt.path} does not have")
+    entries = plan.entry_map()
+    missing = [u.tensor for u in build_inventory(ckpt).quantized if u.tensor not in entries]
+    if missing:
+        raise PlanError(f"the plan has no entry for {missing[0]!r} ({len(missing)} quantizable tensor(s) missing); "
+                        "make the plan again with `allocate` for this model")
+    for e in plan.entries:
+        u = units.get(e.tensor)
+        if u is None:
+            raise PlanError(f"the plan names tensor {e.tensor!r}, which {ckpt.path} does not have")
+        if tuple(e.shape) != tuple(u.shape) or e.role != u.role:
+            raise PlanError(f"the plan says {e.tensor} is {e.role.value} {e.shape}; the checkpoint has "
+                            f"{u.role.value} {list(u.shape)}: the plan was edited or made for other weights")
+        if e.locked:
+            continue
+        if u.role in _NOT_QUANTIZABLE:
+            raise PlanError(f"the plan quantizes {e.tensor}, a {u.role.value} tensor that stays at 16 bit; "
+                            "lock it (\"locked\": true) or make the plan again")
+        too_wide = [c.group_size for _, _, c in e.column_choices() if c.group_size > max(u.shape[-1], SLAB_WIDTH)]
+        if too_wide:
+            raise PlanError(f"the plan gives {e.tensor} group_size {too_wide[0]}, wider than its {u.shape[-1]} "
+                            f"input columns; use a group of at most {max(u.shape[-1], SLAB_WIDTH)}")
     return units
 
 
@@ -69,21 +95,40 @@ class Evaluator:
     def __init__(self, ckpt: Checkpoint, text: str | Path, tokens: int = EVAL_TOKENS, seqlen: int = EVAL_SEQLEN,
                  device: str = "auto"):
         resolve_device(device)  # before any slow step
+        check_count(seqlen, "--seqlen", "evaluation window length in tokens")
+        check_count(tokens, "--tokens", "number of evaluation tokens")
+        if tokens < seqlen:
+            raise CalibrationError(f"--tokens {tokens} is less than one window of --seqlen {seqlen}; raise --tokens "
+                                   "or lower --seqlen")
+        ckpt.check_seqlen(seqlen)
         self.ckpt, self.device = ckpt, device
         self._text, self._tokens, self._seqlen = text, tokens, seqlen
 
     @cached_property
     def ids(self) -> torch.Tensor:
         """The evaluation windows; tokenized on first use, after the first plan has been checked."""
-        return eval_windows(tokenize(self.ckpt.path, self._text), self._tokens, self._seqlen)
+        return eval_windows(tokenize(self.ckpt.path, self._text, self._tokens), self._tokens, self._seqlen)
 
     def run(self, plan: Optional[Plan] = None, bits: Optional[int] = None, group_size: int = 128,
             track: Tracker = SILENT) -> EvalResult:
         t0 = time.perf_counter()
         qmap = quantization_map(self.ckpt, plan, bits, group_size)
         label = "plan" if plan is not None else (f"uniform {bits}-bit g{group_size}" if bits else "unquantized")
-        loss = _mean_loss(LayerwiseModel(self.ckpt, self.device), self.ids, qmap, label, track)
+        loss = check_finite_loss(_mean_loss(LayerwiseModel(self.ckpt, self.device), self.ids, qmap, label, track),
+                                 f"{label} of {self.ckpt.path}")
         return EvalResult(math.exp(loss), loss, int(self.ids.numel()), time.perf_counter() - t0, label)
+
+
+def check_finite_loss(loss: float, what: str) -> float:
+    """``loss``, or :class:`CheckpointError` when it is NaN or Inf.
+
+    Weights are checked for NaN/Inf when read, but finite weights can still overflow (fp32 activations,
+    fp16 scales of a quantized checkpoint); a perplexity of nan must never leave with exit 0.
+    """
+    if not math.isfinite(loss):
+        raise CheckpointError(f"evaluating {what} gave a non-finite loss ({loss}); its weights overflow in "
+                              "fp32 (or hold NaN): check the checkpoint")
+    return loss
 
 
 def _mean_loss(lm: LayerwiseModel, ids: torch.Tensor, qmap: dict[str, tuple[Unit, Runs]], label: str,

@@ -32,7 +32,7 @@ from ..model.calib import (
     tokenize_hashed,
 )
 from ..model.checkpoint import Checkpoint
-from ..model.layerwise import resolve_device
+from ..model.layerwise import resolve_device, run_workdir
 from ..plan import Plan
 from ..progress import SILENT, Tracker
 from ..rounding.apply import METHODS, quantize_layers
@@ -40,7 +40,7 @@ from ..rounding.config import DEFAULT, RoundingConfig
 from ..rounding.loader import load_quantized_model
 from ..rounding.writer import preflight, write_quantized
 from .config import CalibrationConfig
-from .evaluation import EVAL_BATCH, EvalResult, check_plan_matches
+from .evaluation import EVAL_BATCH, EvalResult, check_finite_loss, check_plan_matches
 
 
 def quantize(model: str | Path | Checkpoint, plan: Plan | str | Path, method: str, calib: str | Path, *,
@@ -62,11 +62,14 @@ def quantize(model: str | Path | Checkpoint, plan: Plan | str | Path, method: st
     device = resolve_device(calibration.device)
 
     t0 = time.perf_counter()
-    tokens = tokenize_hashed(ckpt.path, calib)
-    windows = calibration_windows(tokens.ids, calibration.tokens, calibration.seqlen, calibration.seed)
-    t1 = time.perf_counter()
-    choices = {e.tensor: e.column_choices() for e in plan.entries if not e.locked}
-    weights = quantize_layers(ckpt, choices, method, windows, rounding, calibration.device, track)
+    # every activation store of the rounding methods goes in this run's work directory (removed at the end)
+    with run_workdir(calibration.workdir):
+        ckpt.check_seqlen(calibration.seqlen)
+        tokens = tokenize_hashed(ckpt.path, calib, calibration.tokens)
+        windows = calibration_windows(tokens.ids, calibration.tokens, calibration.seqlen, calibration.seed)
+        t1 = time.perf_counter()
+        choices = {e.tensor: e.column_choices() for e in plan.entries if not e.locked}
+        weights = quantize_layers(ckpt, choices, method, windows, rounding, calibration.device, track)
     t2 = time.perf_counter()
     provenance: dict[str, Any] = {
         "method": method,
@@ -111,7 +114,8 @@ def evaluate_quantized(out: str | Path, text: str | Path, tokens: int = EVAL_TOK
     n_pred = ids.shape[0] * (ids.shape[1] - 1)
     if n_pred == 0:
         raise CalibrationError(f"evaluation windows of {seqlen} tokens predict nothing; use seqlen >= 2")
-    return EvalResult(math.exp(total / n_pred), total / n_pred, int(ids.numel()), time.perf_counter() - t0,
+    loss = check_finite_loss(total / n_pred, f"the quantized checkpoint {out}")
+    return EvalResult(math.exp(loss), loss, int(ids.numel()), time.perf_counter() - t0,
                       f"quantized checkpoint {Path(out).name}")
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import PlanError
 from ..plan import Candidate, Plan
-from .rules import check_fusable, compile_rules, locked_linear_modules
+from .rules import check_fusable, compile_rules, imported_choice, locked_linear_modules
 
 TOOL = "compressed-tensors"
 PACKED_BITS = (4, 8)  # compressed-tensors' pack-quantized int widths; also vLLM's WNA16 fast path
@@ -64,7 +64,10 @@ def validate(config: dict[str, Any], plan: Plan) -> None:
         from compressed_tensors.utils.match import is_match
     except ImportError:
         raise PlanError("validating a compressed-tensors export needs the compressed-tensors package") from None
-    parsed = QuantizationConfig.model_validate(config)
+    try:
+        parsed = QuantizationConfig.model_validate(config)
+    except ValueError as exc:  # pydantic's ValidationError
+        raise PlanError(f"not a valid compressed-tensors config: {str(exc).splitlines()[0][:160]}") from None
     linear = torch.nn.Linear(1, 1, device="meta")
     for e in plan.entries:
         ignored = is_match(e.module, linear, parsed.ignore or [])
@@ -88,7 +91,10 @@ def resolve(config: dict[str, Any], module: str, in_features: int) -> Candidate 
     from compressed_tensors.quantization import QuantizationConfig
     from compressed_tensors.utils.match import is_match
 
-    parsed = QuantizationConfig.model_validate(config)
+    try:
+        parsed = QuantizationConfig.model_validate(config)
+    except ValueError as exc:  # pydantic's ValidationError
+        raise PlanError(f"not a valid compressed-tensors config: {str(exc).splitlines()[0][:160]}") from None
     linear = torch.nn.Linear(1, 1, device="meta")
     if is_match(module, linear, parsed.ignore or []):
         return None
@@ -102,5 +108,5 @@ def resolve(config: dict[str, Any], module: str, in_features: int) -> Candidate 
                 raise PlanError(f"config group {name}: {w.type} weights with strategy {strategy} cannot be priced as "
                                 "integer codes with per-group scales; bitalloc imports int group/channel schemes")
             group = w.group_size if strategy == "group" and w.group_size else in_features
-            return Candidate(bits=w.num_bits, group_size=group, symmetric=w.symmetric)
+            return imported_choice(w.num_bits, group, w.symmetric, in_features, f"config group {name}")
     return None

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import PlanError
 from ..plan import Candidate, Plan
-from .rules import base_choice, check_fusable, compile_rules, group_of, locked_linear_modules
+from .rules import base_choice, check_fusable, compile_rules, imported_choice, locked_linear_modules
 
 TOOL = "GPTQModel dynamic"
 
@@ -37,20 +37,30 @@ def resolve(config: dict[str, Any], module: str, in_features: int) -> Candidate 
 
     ``group_size`` -1 is GPTQModel's per-channel setting: one group spanning the ``in_features`` inputs."""
     try:
-        base = Candidate(bits=int(config["bits"]), group_size=group_of(config.get("group_size", 128), in_features),
-                         symmetric=bool(config.get("sym", True)))
         rules = dict(config.get("dynamic") or {})
+        bits = config["bits"]
     except (KeyError, TypeError, ValueError):
         raise PlanError("not a GPTQModel quantize_config (needs bits, group_size and an optional dynamic)") from None
+    if not all(isinstance(v, dict) for v in rules.values()):
+        raise PlanError("not a GPTQModel quantize_config: every dynamic rule maps a pattern to an object")
+    base = imported_choice(bits, config.get("group_size", 128), config.get("sym", True), in_features,
+                           "GPTQModel quantize_config")
     negatives = [p for p in rules if p.startswith("-:")]
     for p in negatives:
-        if re.match(p[2:], module):
+        if _matches(p[2:], module):
             return None
     for p, override in rules.items():
         if p in negatives:
             continue
-        if re.match(p.removeprefix("+:"), module):
-            return Candidate(bits=int(override.get("bits", base.bits)),
-                             group_size=group_of(override.get("group_size", base.group_size), in_features),
-                             symmetric=bool(override.get("sym", base.symmetric)))
+        if _matches(p.removeprefix("+:"), module):
+            return imported_choice(override.get("bits", base.bits), override.get("group_size", base.group_size),
+                                   override.get("sym", base.symmetric), in_features, f"dynamic rule {p!r}")
     return base
+
+
+def _matches(pattern: str, module: str) -> bool:
+    """GPTQModel's ``re.match``; a pattern Python cannot compile is the config's error, not a crash."""
+    try:
+        return re.match(pattern, module) is not None
+    except re.error as exc:
+        raise PlanError(f"dynamic rule {pattern!r} is an invalid regular expression: {exc}") from None

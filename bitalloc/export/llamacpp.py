@@ -56,8 +56,18 @@ def _name_map(plan: Plan, n_layers: int):
     return gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch), n_layers)
 
 
+def _check_widths(entries: list[Entry]) -> None:
+    """Refuse widths with no ggml type (1 and 7 bits) rather than silently round them to another size."""
+    odd = [e for e in entries if e.bits not in GGML_TYPES]
+    if odd:
+        widths = ", ".join(str(b) for b in sorted({e.bits for e in odd}))
+        raise PlanError(f"llama.cpp has no {widths}-bit type ({odd[0].tensor} and {len(odd) - 1} more); make the "
+                        f"plan with --candidates among {','.join(str(b) for b in GGML_TYPES)}")
+
+
 def export(plan: Plan) -> LlamaCppExport:
     entries = quantized_entries(plan, TOOL)
+    _check_widths(entries)
     n_layers = 1 + max((e.layer for e in plan.entries if e.layer is not None), default=0)
     names = _name_map(plan, n_layers)
     types: dict[str, tuple[str, float]] = {}

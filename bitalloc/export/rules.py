@@ -119,6 +119,15 @@ def _check_disjoint(rules: list[Rule], choices: dict[str, Candidate]) -> None:
                             "a tie group whose members got different widths?")
 
 
+def imported_choice(bits: object, group: object, symmetric: object, in_features: int, where: str) -> Candidate:
+    """A config's (bits, group, sym) as a Candidate; a value bitalloc cannot price is refused naming ``where``."""
+    try:
+        return Candidate(bits=int(bits), group_size=group_of(group, in_features), symmetric=bool(symmetric))
+    except (TypeError, ValueError, OverflowError):  # pydantic's ValidationError is a ValueError
+        raise PlanError(f"{where}: bits={bits!r} group_size={group!r} cannot be imported; bits must be 1 to 8 and "
+                        "group_size a positive integer (-1: per channel)") from None
+
+
 def group_of(value: object, in_features: int) -> int:
     """A config's group size for a module: -1 or null is per channel, one group over all ``in_features`` inputs."""
     if value is None or int(value) == -1:

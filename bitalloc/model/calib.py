@@ -18,17 +18,20 @@ import lzma
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Iterator, Optional
 
 import numpy as np
 
 from ..errors import CalibrationError, CheckpointError
+from ..plan import check_path
 
 if TYPE_CHECKING:
     import torch
 
 _OPENERS = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}
-MAX_TEXT_CHARS = 256 * 2**20  # read at most this much text; more adds nothing to a calibration set
+# Text is read lazily, never more than the tokens asked for can use: a 10 KB .xz may expand to gigabytes.
+CHARS_PER_TOKEN = 128  # generous: BPE tokens average 3-5 characters; calibration samples windows from 25x more
+MAX_TEXT_CHARS = 8 * 2**20  # hard cap whatever the request: tokenizing it peaks at 2.2 GB (docs/reliability-inputs.md)
 CALIB_TOKENS = 32768  # GPTQ-style 64 x 512: enough for stable per-tensor Fisher sums, minutes on CPU
 CALIB_SEQLEN = 512
 EVAL_TOKENS = 32768  # the fixed evaluation protocol (docs/eval.md)
@@ -58,7 +61,7 @@ class _HashingReader(io.RawIOBase):
         return n
 
     def finish(self) -> str:
-        """Hash the bytes not read yet (text past MAX_TEXT_CHARS) and return the whole file's sha256."""
+        """Hash the bytes not read yet (text past the read limit) and return the whole file's sha256."""
         for block in iter(lambda: self._f.read(2**20), b""):
             self.hash.update(block)
         return self.hash.hexdigest()
@@ -66,47 +69,74 @@ class _HashingReader(io.RawIOBase):
 
 @dataclass(frozen=True)
 class Text:
-    """A text file's content (up to MAX_TEXT_CHARS) and the sha256 of the whole file as stored."""
+    """A text file's content (up to the read limit) and the sha256 of the whole file as stored."""
 
     text: str
     sha256: str
 
 
-def read_text_hashed(path: str | Path) -> Text:
-    """The text of a .txt / .jsonl file (optionally compressed) and the file's sha256; raises on missing or empty."""
+def max_chars(tokens: Optional[int]) -> int:
+    """How many characters of text ``tokens`` tokens can use (all the hard cap allows when unknown)."""
+    return MAX_TEXT_CHARS if tokens is None else min(MAX_TEXT_CHARS, max(tokens, 1) * CHARS_PER_TOKEN)
+
+
+def read_text_hashed(path: str | Path, max_tokens: Optional[int] = None) -> Text:
+    """The text of a .txt / .jsonl file (optionally compressed) and the file's sha256; raises on missing or empty.
+
+    Only the first :func:`max_chars` (``max_tokens``) characters are decompressed and kept, so memory is
+    bounded by the request, not by the file (the rest of the stored file is hashed without decompressing).
+    """
     p = Path(path)
+    check_path(p, "text file", CalibrationError)
     if not p.is_file():
         raise CalibrationError(f"text file not found: {p}")
     suffixes = p.suffixes
     opener = _OPENERS.get(suffixes[-1] if suffixes else "")
     is_jsonl = ".jsonl" in suffixes
+    limit = max_chars(max_tokens)
     try:
         with open(p, "rb") as f:
             raw_file = _HashingReader(f)
             binary = opener(raw_file, "rb") if opener else io.BufferedReader(raw_file)
             with io.TextIOWrapper(binary, encoding="utf-8") as stream:
-                raw = stream.read(MAX_TEXT_CHARS)
+                raw = stream.read(limit)
+                truncated = bool(stream.read(1))
                 sha256 = raw_file.finish()
     except (OSError, EOFError, lzma.LZMAError, UnicodeDecodeError) as exc:
         raise CalibrationError(f"cannot read {p}: {exc}") from None
     if is_jsonl:
-        docs = []
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                docs.append(json.loads(line)["text"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise CalibrationError(f"{p}:{n} is not a JSON object with a 'text' field") from None
-        raw = "\n\n".join(docs)
+        raw = _jsonl_text(p, raw, truncated)
     if not raw.strip():
         raise CalibrationError(f"{p} contains no text")
     return Text(raw, sha256)
 
 
-def read_text(path: str | Path) -> str:
+def _jsonl_text(p: Path, raw: str, truncated: bool) -> str:
+    """The ``text`` fields of JSON lines, joined; the last line is dropped when the read limit cut it."""
+    lines = raw.splitlines()
+    if truncated and lines:
+        lines.pop()
+    docs = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            doc = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            raise CalibrationError(f"{p}:{n} is not valid JSON; every line must be an object with a 'text' "
+                                   "string") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+            found = f"'text' is {type(doc['text']).__name__}" if isinstance(doc, dict) and "text" in doc else \
+                f"a {type(doc).__name__} without 'text'"
+            raise CalibrationError(f"{p}:{n}: {found}; every line must be an object with a 'text' string")
+        text = doc["text"]
+        docs.append(text)
+    return "\n\n".join(docs)
+
+
+def read_text(path: str | Path, max_tokens: Optional[int] = None) -> str:
     """The text of a .txt / .jsonl file (optionally compressed); raises on missing or empty."""
-    return read_text_hashed(path).text
+    return read_text_hashed(path, max_tokens).text
 
 
 @contextmanager
@@ -140,17 +170,18 @@ class Tokens:
     sha256: str
 
 
-def tokenize_hashed(model_path: str | Path, text_path: str | Path) -> Tokens:
-    """Tokenize ``text_path`` with the model's tokenizer; the file is hashed while it is read."""
+def tokenize_hashed(model_path: str | Path, text_path: str | Path, max_tokens: Optional[int] = None) -> Tokens:
+    """Tokenize (the part of ``text_path`` that ``max_tokens`` can use) with the model's tokenizer; the whole
+    file is hashed while it is read."""
     tok = load_tokenizer(model_path)
-    text = read_text_hashed(text_path)
+    text = read_text_hashed(text_path, max_tokens)
     with _quiet_transformers():
         ids = tok(text.text, add_special_tokens=False)["input_ids"]
     return Tokens(np.asarray(ids, dtype=np.int64), text.sha256)
 
 
-def tokenize(model_path: str | Path, text_path: str | Path) -> np.ndarray:
-    return tokenize_hashed(model_path, text_path).ids
+def tokenize(model_path: str | Path, text_path: str | Path, max_tokens: Optional[int] = None) -> np.ndarray:
+    return tokenize_hashed(model_path, text_path, max_tokens).ids
 
 
 def calibration_windows(ids: np.ndarray, tokens: int, seqlen: int, seed: int) -> "torch.Tensor":

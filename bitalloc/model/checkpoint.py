@@ -11,13 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import struct
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CheckpointError
+from ..errors import CalibrationError, CheckpointError
+from ..plan import check_path
 
 if TYPE_CHECKING:
     import torch
@@ -26,6 +29,12 @@ SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "F8_E4M3": 1, "F8_E5M2": 1}
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit on header size
+# config fields every supported architecture needs, as positive integers (the model is built from them)
+_REQUIRED_INTS = ("hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads", "intermediate_size")
+_OPTIONAL_INTS = ("num_key_value_heads", "head_dim", "max_position_embeddings", "moe_intermediate_size",
+                  "num_experts", "num_experts_per_tok")
+MAX_POSITION_FACTOR = 4  # windows up to 4x the trained positions are warned about, longer ones refused
+_LAYER_INDEX_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -83,11 +92,53 @@ def _sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _check_config(config: Any, cfg: Path) -> None:
+    """Refuse a config.json whose fields the model cannot be built from, naming the field and the fix."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{cfg} is not a JSON object (found {type(config).__name__}); "
+                              "a Hugging Face config.json maps field names to values")
+    for key in _REQUIRED_INTS + _OPTIONAL_INTS:
+        if key not in config or (key in _OPTIONAL_INTS and config[key] is None):
+            if key in _REQUIRED_INTS and not (key == "intermediate_size" and "moe_intermediate_size" in config):
+                raise CheckpointError(f"{cfg} has no {key!r}; add it (a positive integer) from the model's original "
+                                      "config")
+            continue
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise CheckpointError(f"{cfg}: {key} is {value!r}; it must be a positive integer")
+    if "head_dim" not in config and config["hidden_size"] % config["num_attention_heads"]:
+        raise CheckpointError(f"{cfg}: hidden_size {config['hidden_size']} is not a multiple of num_attention_heads "
+                              f"{config['num_attention_heads']} and no head_dim is given; fix either field")
+    if "tie_word_embeddings" in config and not isinstance(config["tie_word_embeddings"], bool):
+        raise CheckpointError(f"{cfg}: tie_word_embeddings is {config['tie_word_embeddings']!r}; it must be true or "
+                              "false")
+
+
+def _inside(root: Path, name: Any) -> Path:
+    """The shard ``name`` of an index, refused unless it is a plain file name inside the model directory.
+
+    Security: an index is data from whoever shared the model; an absolute path, ``..`` or a symlink
+    leaving the directory would make bitalloc read (and hash) files elsewhere on the machine.
+    """
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise CheckpointError(f"{root / 'model.safetensors.index.json'} names shard {name!r}, which is not a file "
+                              "name inside the model directory; fix the index's weight_map")
+    path = root / name
+    check_path(path, "shard", CheckpointError)
+    real, home = path.resolve(), root.resolve()
+    # a Hugging Face hub cache snapshot links its files to ../../blobs: that is still the model's own storage
+    if not (real.is_relative_to(home) or real.is_relative_to(home.parent.parent / "blobs")):
+        raise CheckpointError(f"shard {name!r} listed in the index resolves outside {root} (a symlink?); refusing "
+                              "to read it: copy the file into the model directory")
+    return path
+
+
 class Checkpoint:
     """A validated local checkpoint directory (config.json + one or several safetensors files)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        check_path(self.path, "model directory", CheckpointError)
         if not self.path.exists():
             raise CheckpointError(f"model directory not found: {self.path}")
         if not self.path.is_dir():
@@ -96,17 +147,37 @@ class Checkpoint:
         if not cfg.is_file():
             raise CheckpointError(f"{self.path} has no config.json (expected a Hugging Face model directory)")
         try:
-            self.config: dict[str, Any] = json.loads(cfg.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            config = json.loads(cfg.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise CheckpointError(f"{cfg} is not valid JSON") from None
-        self.arch: str = str(self.config.get("model_type", ""))
-        if self.arch not in SUPPORTED_ARCHS:
+        self.arch: str = str(config.get("model_type", "")) if isinstance(config, dict) else ""
+        if isinstance(config, dict) and self.arch not in SUPPORTED_ARCHS:
             raise CheckpointError(
                 f"unsupported architecture {self.arch or '(none)'!r} in {cfg}; supported: {', '.join(SUPPORTED_ARCHS)}"
             )
+        _check_config(config, cfg)
+        self.config: dict[str, Any] = config
         self.config_sha256 = _sha256_file(cfg)
         self.tensors, self.index_sha256 = self._scan()
+        self._check_shapes(cfg)
         self._handles: dict[Path, Any] = {}
+
+    def _check_shapes(self, cfg: Path) -> None:
+        """Refuse a config that disagrees with the tensors: the model would be built wrong, or crash mid-run."""
+        layers = {int(m.group(1)) for name in self.tensors if (m := _LAYER_INDEX_RE.search(name))}
+        n = self.config["num_hidden_layers"]
+        if layers and (len(layers) != n or max(layers) != n - 1):  # never build range(n): n may be 10^9
+            have = f"layers 0..{max(layers)}" if len(layers) == max(layers) + 1 else \
+                f"layer indices {sorted(layers)[:8]}"
+            raise CheckpointError(f"{cfg} says num_hidden_layers={n}, but the weights hold {have}; fix the config or "
+                                  "restore the missing shards")
+        emb = next((t for name, t in self.tensors.items() if name.endswith("embed_tokens.weight")), None)
+        if emb is None:
+            return
+        want = (self.config["vocab_size"], self.config["hidden_size"])
+        if len(emb.shape) != 2 or tuple(emb.shape) != want:
+            raise CheckpointError(f"{emb.name} has shape {list(emb.shape)}, but {cfg} says vocab_size={want[0]} and "
+                                  f"hidden_size={want[1]}; the config does not belong to these weights")
 
     def _scan(self) -> tuple[dict[str, TensorInfo], str]:
         index = self.path / "model.safetensors.index.json"
@@ -114,9 +185,12 @@ class Checkpoint:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
                 raise CheckpointError(f"{index} is corrupt (no weight_map)") from None
-            files = sorted({self.path / f for f in weight_map.values()})
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index}: weight_map is {type(weight_map).__name__}, not a non-empty object "
+                                      "mapping tensor names to shard files; fix or regenerate the index")
+            files = sorted({_inside(self.path, f) for f in weight_map.values()})
             digest = _sha256_file(index)
         elif single.is_file():
             files, weight_map = [single], None
@@ -142,6 +216,23 @@ class Checkpoint:
     @cached_property
     def num_layers(self) -> int:
         return int(self.config["num_hidden_layers"])
+
+    def check_seqlen(self, seqlen: int, option: str = "--seqlen") -> None:
+        """Warn about windows longer than the model's positions and refuse those far past them.
+
+        Past ``max_position_embeddings`` the numbers measure a model extrapolating its position encoding
+        (said in a warning: the fixed evaluation protocol's 512 exceeds some small models); past
+        :data:`MAX_POSITION_FACTOR` times it they measure nothing useful, and attention time grows with the
+        square of the window (65536 on a 1024-position model ran for minutes).
+        """
+        limit = self.config.get("max_position_embeddings")
+        if limit is None or seqlen <= limit:
+            return
+        if seqlen > MAX_POSITION_FACTOR * limit:
+            raise CalibrationError(f"{option} {seqlen} is far beyond the model's max_position_embeddings {limit}; "
+                                   f"use {option} {limit} or less")
+        warnings.warn(f"{option} {seqlen} exceeds the model's max_position_embeddings {limit}: the model "
+                      "extrapolates its positions in every window", stacklevel=2)
 
     def load(self, name: str, dtype: "torch.dtype | None" = None) -> "torch.Tensor":
         """Read one tensor (memory-mapped, then copied), converted to ``dtype``."""

@@ -15,9 +15,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..errors import CheckpointError
 from ..plan import FusedSource, Role, TieGroup
 from .checkpoint import Checkpoint
 
+# What the layer-by-layer model computes in; integer or fp8 weights would be silently cast to garbage.
+WEIGHT_DTYPES = ("F16", "BF16", "F32")
 _LAYER_RE = re.compile(r"^(?P<prefix>(?:.+\.)?layers)\.(?P<layer>\d+)\.(?P<local>.+)$")
 
 # local name inside a decoder block -> role, for 2-D linear weights
@@ -88,6 +91,9 @@ def build_inventory(ckpt: Checkpoint, include_lm_head: bool = False, include_emb
     tied = bool(cfg.get("tie_word_embeddings", False)) and "lm_head.weight" not in ckpt.tensors
     units: list[Unit] = []
     for name, info in ckpt.tensors.items():
+        if info.dtype not in WEIGHT_DTYPES:
+            raise CheckpointError(f"tensor {name!r} in {info.file.name} is {info.dtype}; bitalloc reads float16, "
+                                  "bfloat16 or float32 weights only: convert the checkpoint (or dequantize it) first")
         m = _LAYER_RE.match(name)
         if m:
             units.extend(_block_units(name, info.shape, m, cfg))

@@ -9,15 +9,18 @@ model size. Hidden states between layers live in an :class:`ActivationStore`.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import warnings
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 from torch import nn
 
-from ..errors import BitallocError, CheckpointError
+from ..errors import BitallocError, CheckpointError, OutputError
 from ..plan import Role
 from .checkpoint import Checkpoint
 from .inventory import Unit
@@ -26,15 +29,43 @@ from .inventory import Unit
 EXPERT_ROLES = (Role.expert_gate, Role.expert_up, Role.expert_down)  # held fused in transformers>=5
 
 
+_RUN_DIR: ContextVar[Optional[str]] = ContextVar("bitalloc_run_dir", default=None)
+
+
+@contextmanager
+def run_workdir(parent: Optional[str | os.PathLike] = None) -> Iterator[str]:
+    """A fresh directory for one run's temporary files, inside ``parent`` (default: $TMPDIR), removed on exit.
+
+    Why one directory: activation stores are tens of megabytes to gigabytes each, and a run interrupted
+    by SIGTERM or SIGHUP used to leave them in $TMPDIR. Removing one directory in a ``finally`` (the CLI
+    turns those signals into exceptions) cleans up every file, including stores made by code that
+    never heard of the directory: an :class:`ActivationStore` made inside this context goes here.
+    """
+    where = parent if parent is not None else tempfile.gettempdir()
+    try:
+        path = tempfile.mkdtemp(prefix="bitalloc-run-", dir=where)
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise OutputError(f"cannot create a work directory in {where}: {reason}; give a writable --workdir") from None
+    token = _RUN_DIR.set(path)
+    try:
+        yield path
+    finally:
+        _RUN_DIR.reset(token)
+        shutil.rmtree(path, ignore_errors=True)
+
+
 class ActivationStore:
     """[n_seq, seqlen, hidden] fp32 buffer, memory-mapped from a temporary file.
 
     Pages that the OS cannot keep in RAM go to disk, so the sensitivity pass of a model
     whose calibration activations exceed memory still runs (slower), instead of failing.
+    The file goes in ``workdir``, else the current :func:`run_workdir`, else $TMPDIR.
     """
 
-    def __init__(self, n_seq: int, seqlen: int, hidden: int, workdir: Optional[str] = None):
-        fd, self._path = tempfile.mkstemp(prefix="bitalloc-act-", suffix=".bin", dir=workdir)
+    def __init__(self, n_seq: int, seqlen: int, hidden: int, workdir: Optional[str | os.PathLike] = None):
+        where = workdir if workdir is not None else _RUN_DIR.get()
+        fd, self._path = tempfile.mkstemp(prefix="bitalloc-act-", suffix=".bin", dir=where)
         os.close(fd)
         numel = n_seq * seqlen * hidden
         self.tensor = torch.from_file(self._path, shared=True, size=numel, dtype=torch.float32).view(n_seq, seqlen, hidden)
@@ -94,7 +125,7 @@ class LayerwiseModel:
     def _read_param(self, prefix: str, local: str, layer: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
         name = prefix + local
         if name in self.ckpt.tensors:
-            t = self.ckpt.load(name)
+            t = self._load(name)
         elif local.endswith(("experts.gate_up_proj", "experts.down_proj")):
             t = self._assemble_fused(prefix, local, layer)
         else:
@@ -109,20 +140,34 @@ class LayerwiseModel:
         n = experts.num_experts
         base = prefix + local.rsplit(".", 1)[0]
         if local.endswith("gate_up_proj"):
-            per = [torch.cat([self.ckpt.load(f"{base}.{e}.gate_proj.weight"), self.ckpt.load(f"{base}.{e}.up_proj.weight")])
+            per = [torch.cat([self._load(f"{base}.{e}.gate_proj.weight"), self._load(f"{base}.{e}.up_proj.weight")])
                    for e in range(n)]
         else:
-            per = [self.ckpt.load(f"{base}.{e}.down_proj.weight") for e in range(n)]
+            per = [self._load(f"{base}.{e}.down_proj.weight") for e in range(n)]
         t = torch.stack(per)
         return t.transpose(1, 2) if getattr(experts, "is_transposed", False) else t
 
+    def _load(self, name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """A checkpoint tensor, refused if it holds NaN or Inf.
+
+        Checked here, where every weight the model runs with is read: one non-finite weight turns every
+        activation after it into NaN, which used to surface as a linear-algebra traceback deep in the
+        sensitivity pass, or as ``perplexity nan`` with exit 0.
+        """
+        t = self.ckpt.load(name, dtype)
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            raise CheckpointError(f"tensor {name!r} of {self.ckpt.path} holds {int((~finite).sum())} NaN or Inf "
+                                  "value(s); the checkpoint is corrupt: export or download it again")
+        return t
+
     def embedding_weight(self) -> torch.Tensor:
-        return self.ckpt.load(self._embed_name, torch.float32).to(self.device)
+        return self._load(self._embed_name, torch.float32).to(self.device)
 
     def head_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(final norm weight, lm_head weight) in fp32; the head is the embedding when tied."""
-        return (self.ckpt.load(self._norm_name, torch.float32).to(self.device),
-                self.ckpt.load(self._head_name, torch.float32).to(self.device))
+        return (self._load(self._norm_name, torch.float32).to(self.device),
+                self._load(self._head_name, torch.float32).to(self.device))
 
     # ---- compute -------------------------------------------------------------------------
     def position_embeddings(self, seqlen: int, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,7 +37,10 @@ def _bits(e: Entry) -> str:
 
 def diff_plans(a: Plan, b: Plan, table: Optional[ErrorTable] = None, names: tuple[str, str] = ("A", "B")) -> str:
     if a.model.config_sha256 != b.model.config_sha256 or a.model.index_sha256 != b.model.index_sha256:
-        raise PlanError("the two plans are for different models")
+        raise PlanError(f"the two plans are for different models ({a.model.path} and {b.model.path}); diff plans "
+                        "of one model")
+    if table is not None:
+        table.check_plan(a)  # another model's errors would price these plans with meaningless numbers
     ea, eb = a.entry_map(), b.entry_map()
     lines = [f"{'':<10}{names[0]:>14}{names[1]:>14}",
              f"{'bpp':<10}{a.budget.achieved_bpp:>14.4f}{b.budget.achieved_bpp:>14.4f}",

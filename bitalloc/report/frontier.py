@@ -5,30 +5,21 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from pathlib import Path
 from typing import Sequence
 
 from matplotlib.figure import Figure
 
 from ..allocator.frontier import FrontierPoint
-from ..errors import OutputError
+from ..errors import OutputError, PlanError
 from ..plan import atomic_write_bytes, atomic_write_text
 
 CSV_COLUMNS = ("target_bpp", "achieved_bpp", "predicted_error", "solver", "status", "gap", "seconds", "plan",
                "perplexity")
 
 
-def check_directory(directory: Path) -> Path:
-    """Fail before the sweep's work if ``directory`` cannot hold its output."""
-    if directory.exists() and not directory.is_dir():
-        raise OutputError(f"cannot write {directory}: it exists and is not a directory")
-    parent = directory if directory.exists() else directory.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"cannot write {directory}: permission denied")
-    return directory
+# what write_frontier creates or replaces in its directory (fnmatch patterns), for the output policy's check
+FRONTIER_FILES = ("plan-*.json", "frontier.csv", "frontier.png")
 
 
 def write_frontier(directory: Path, points: Sequence[FrontierPoint]) -> list[Path]:
@@ -53,6 +44,8 @@ def write_frontier(directory: Path, points: Sequence[FrontierPoint]) -> list[Pat
 
 def frontier_png(points: Sequence[FrontierPoint]) -> bytes:
     """Predicted error (and measured perplexity where known) against achieved bpp."""
+    if len({(p.plan.model.config_sha256, p.plan.model.index_sha256) for p in points}) > 1:
+        raise PlanError("the plans are for different models; report plans of one model")
     x = [p.plan.budget.achieved_bpp for p in points]
     fig = Figure(figsize=(7, 4.2), dpi=120)
     ax = fig.add_subplot()

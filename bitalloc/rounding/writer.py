@@ -101,11 +101,16 @@ def preflight(ckpt: Checkpoint, plan: Plan, out: str | os.PathLike, overwrite: b
 
 
 def check_output(out: str | os.PathLike, ckpt: Checkpoint, overwrite: bool) -> Path:
-    """OUT as an absolute path, refused (``OutputError``) if it exists without ``overwrite`` or is the input."""
-    out = Path(out).absolute()
-    src = ckpt.path.absolute()
+    """OUT resolved (symlinks followed: a linked OUT is written at its target), refused (``OutputError``) if it
+    overlaps the input model, exists without ``overwrite``, or exists as anything but a directory (``overwrite``
+    replaces a directory only: never a file or a device someone named by mistake). The CLI also checks OUT
+    against every other input (``bitalloc.api.outputs``)."""
+    out = Path(os.path.realpath(out))
+    src = Path(os.path.realpath(ckpt.path))
     if out == src or src in out.parents or out in src.parents:
         raise OutputError(f"output {out} overlaps the input model {src}; write the quantized model elsewhere")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {out} exists and is not a directory; choose another path")
     if out.exists() and not overwrite:
         raise OutputError(f"output {out} already exists; choose another path or pass overwrite=True (--overwrite)")
     try:

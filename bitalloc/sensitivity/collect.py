@@ -24,13 +24,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import CalibrationError
+from ..errors import CalibrationError, ScoresError
 from ..model.checkpoint import Checkpoint
 from ..model.inventory import Inventory, Unit
 from ..model.hooks import InputStats
 from ..model.layerwise import ActivationStore, LayerwiseModel, unit_param, unit_slice, unit_view
 from ..plan import Candidate, Role
 from ..progress import SILENT, Tracker
+from ..rounding.apply import quantize_runs
+from ..rounding.config import RoundingConfig
 from ..rounding.rtn import rtn_error
 from .table import DEFAULT_SCORE, SLAB_WIDTH, ErrorTable
 from . import combined, gradient, hessian, importance, spectral
@@ -145,12 +147,17 @@ class _Results:
 
 def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidates: list[Candidate],
                    device: str = "auto", track: Tracker = SILENT, workdir: Optional[str] = None,
-                   seed: int = 0, with_combined: bool = True, stats_budget: int = STATS_BUDGET) -> ErrorTable:
+                   seed: int = 0, with_combined: bool = True, stats_budget: int = STATS_BUDGET,
+                   rounding: Optional[RoundingConfig] = None) -> ErrorTable:
     """Run the calibration pass and return the error table (every score) of every unlocked unit of ``inv``.
 
     ``with_combined=False`` skips the measured sample that ``combined`` needs (the table then has
     every score but that one). ``stats_budget`` caps the bytes of gradient statistics held at once
-    (see :func:`stat_groups`).
+    (see :func:`stat_groups`). ``rounding`` makes the table rounding-aware: every decoder unit's weight
+    error dW is the one GPTQ with these settings makes under the unit's H (what ``bitalloc quantize
+    --method gptq`` will apply), instead of RTN's; H is then collected in a forward pre-pass over the
+    layer, before the backward sweeps need dW. Units outside the decoder layers and MoE experts routed
+    fewer than ``rounding.min_expert_tokens`` tokens keep RTN's error, as the rounding driver does.
     """
     lm = LayerwiseModel(ckpt, device)
     n_seq, seqlen = ids.shape
@@ -165,6 +172,8 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
     timings: dict[str, float] = {}
     meta: dict = {"config_sha256": ckpt.config_sha256, "index_sha256": ckpt.index_sha256, "formulas": FORMULAS,
                   "calib_sequences": n_seq, "seqlen": seqlen}
+    if rounding is not None:
+        meta["rounding"] = "gptq"
 
     t0 = time.perf_counter()
     stores = lm.forward_stores(ids, FORWARD_BATCH, workdir, track)
@@ -208,6 +217,11 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
             layer = lm.load_layer(i)
             layer_units = by_layer.get(i, [])
             inputs = InputStats(layer, layer_units)
+            if rounding is not None:  # GPTQ's dW needs H before the sweeps
+                with torch.no_grad():
+                    for s in range(n_seq):
+                        lm.run_layer(layer, stores[i].tensor[s:s + 1].to(lm.device), pos1)
+                inputs.close()
             params = dict(layer.named_parameters())
             zd = _layer_zd([unit_view(layer, u) for u in layer_units])
             groups = stat_groups(layer_units, len(candidates), stats_budget)
@@ -219,7 +233,8 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
                 for u in group:
                     param, name = unit_param(layer, u)
                     param.requires_grad_(True)
-                    stats[u.tensor] = (name, _grad_stats(unit_view(layer, u), candidates, n_seq, u))
+                    h = gptq_hessian(inputs, u, rounding)
+                    stats[u.tensor] = (name, _grad_stats(unit_view(layer, u), candidates, n_seq, u, h, rounding))
                 for s in range(n_seq):
                     x = stores[i].tensor[s:s + 1].to(lm.device).requires_grad_(last)
                     y = lm.run_layer(layer, x, pos1)
@@ -273,7 +288,24 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
             st.close()
     timings.update({f"family_{k}_s": v for k, v in res.seconds.items()})
     meta["timings"] = timings
-    return res.table(DEFAULT_SCORE, meta)
+    return _check_finite(res.table(DEFAULT_SCORE, meta))
+
+
+def _check_finite(table: ErrorTable) -> ErrorTable:
+    """The table, or :class:`ScoresError` naming the first score and tensor whose predicted error is NaN/Inf.
+
+    Weights are checked when read, so this catches overflow inside the pass (huge activations, an fp32
+    Fisher sum); a NaN error would otherwise make the solver's choice for that tensor arbitrary.
+    """
+    for name, values in sorted(table.scores.items()):
+        bad = ~np.isfinite(values)
+        if bad.any():
+            slab, col = np.argwhere(bad)[0]
+            unit = int(np.searchsorted(table.slab_offsets, slab, side="right")) - 1
+            raise ScoresError(f"the calibration pass gave a non-finite {name} error ({values[slab, col]}) for "
+                              f"{table.tensors[unit]} at {table.candidates[col].id}; the model's activations "
+                              "overflow on this calibration text")
+    return table
 
 
 def _add_combined(lm: LayerwiseModel, stores: list[ActivationStore], ids: torch.Tensor, res: _Results, seed: int,
@@ -315,9 +347,24 @@ def stat_groups(units: list[Unit], n_candidates: int, budget: int) -> list[list[
     return groups
 
 
-def _grad_stats(w: torch.Tensor, candidates: list[Candidate], n_seq: int, unit: Unit) -> GradStats:
-    dws = [rtn_error(w.detach(), c.bits, c.group_size, c.symmetric) for c in candidates]
-    return GradStats(w.detach().float(), dws, n_seq, seed=_stable_seed(unit.tensor))
+def _grad_stats(w: torch.Tensor, candidates: list[Candidate], n_seq: int, unit: Unit,
+                h: Optional[torch.Tensor] = None, rounding: Optional[RoundingConfig] = None) -> GradStats:
+    """Gradient statistics against each candidate's dW: GPTQ's under ``h`` when given, else RTN's."""
+    w = w.detach()
+    if h is None:
+        dws = [rtn_error(w, c.bits, c.group_size, c.symmetric) for c in candidates]
+    else:
+        dws = [quantize_runs(w.float(), [(0, w.shape[1], c)], h, rounding).dequantize() - w.float() for c in candidates]
+    return GradStats(w.float(), dws, n_seq, seed=_stable_seed(unit.tensor))
+
+
+def gptq_hessian(inputs: InputStats, unit: Unit, rounding: Optional[RoundingConfig]) -> Optional[torch.Tensor]:
+    """The H GPTQ will use for ``unit`` in a rounding-aware pass; None where the driver uses RTN."""
+    if rounding is None:
+        return None
+    if unit.expert is not None and inputs.tokens(unit.tensor) < rounding.min_expert_tokens:
+        return None
+    return inputs.hessian(unit.tensor)
 
 
 def _stable_seed(name: str) -> int:

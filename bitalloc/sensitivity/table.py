@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ScoresError
-from ..plan import SLAB_WIDTH, Candidate, atomic_write_bytes
+from ..plan import SLAB_WIDTH, Candidate, Plan, atomic_write_bytes, check_path
 
 SCORES_FORMAT = "bitalloc.scores"
 SCORES_VERSION = 2
@@ -109,17 +109,21 @@ class ErrorTable:
         from safetensors.numpy import load
 
         p = Path(path)
+        check_path(p, "score file", ScoresError)
         if not p.is_file():
             raise ScoresError(f"score file not found: {p}")
-        raw = p.read_bytes()
+        try:
+            raw = p.read_bytes()
+        except OSError as exc:
+            raise ScoresError(f"cannot read {p}: {exc.strerror}") from None
         try:
             arrays = load(raw)
             n = int.from_bytes(raw[:8], "little")
             header = json.loads(json.loads(raw[8:8 + n])["__metadata__"]["bitalloc"])
-        except (SafetensorError, KeyError, ValueError, TypeError):
+        except (SafetensorError, KeyError, ValueError, TypeError, RecursionError):
             raise ScoresError(f"{p} is not a bitalloc score file (corrupt or wrong format)") from None
-        if header.get("format") != SCORES_FORMAT or header.get("version") != SCORES_VERSION \
-                or header.get("slab_width") != SLAB_WIDTH:
+        if not isinstance(header, dict) or header.get("format") != SCORES_FORMAT \
+                or header.get("version") != SCORES_VERSION or header.get("slab_width") != SLAB_WIDTH:
             raise ScoresError(f"{p} is not a bitalloc score file of version {SCORES_VERSION}; recompute it")
 
         def group(prefix: str) -> dict[str, np.ndarray]:
@@ -127,11 +131,21 @@ class ErrorTable:
 
         offsets = group("vector_offsets.")
         try:
-            return cls(header["tensors"], [Candidate(**c) for c in header["candidates"]], arrays["tokens"],
+            _check_header(header)
+            candidates = [Candidate(**c) for c in header["candidates"]]
+            _check_arrays(arrays, len(header["tensors"]), len(candidates))
+            return cls(header["tensors"], candidates, arrays["tokens"],
                        group("score."), arrays["slab_offsets"], header["score"], group("stat."),
                        {k: (v, offsets[k]) for k, v in group("vector.").items()}, header["meta"])
         except KeyError:
             raise ScoresError(f"{p} is not a complete bitalloc score file; recompute it") from None
+        except (TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+            raise ScoresError(f"{p} is not a valid score file ({_first_error(exc)}); recompute it with `bitalloc "
+                              "scores`") from None
+
+    def check_plan(self, plan: Plan) -> None:
+        """Refuse a table of another checkpoint than ``plan``'s (its predicted errors would be meaningless)."""
+        self.check_matches(plan.model.config_sha256, plan.model.index_sha256, [], [])
 
     def check_matches(self, config_sha256: str, index_sha256: str, candidates: list[Candidate],
                       tensors: list[str]) -> None:
@@ -156,3 +170,69 @@ class ErrorTable:
         if (cal.get("seqlen"), cal.get("seed")) != (seqlen, seed):
             raise ScoresError(f"score file was computed with --seqlen {cal.get('seqlen')} --seed {cal.get('seed')}, "
                               f"not {seqlen} / {seed}; drop --calib to reuse it, or drop --scores to recompute")
+
+
+# the metadata the allocator reads back (allocate, plans' provenance): a tampered type must not crash it there
+_META_TYPES: dict[str, type] = {"config_sha256": str, "index_sha256": str, "calibration": dict, "calib_sequences": int,
+                                "combined": dict, "formulas": dict, "rounding": str, "timings": dict}
+
+
+class _Invalid(ScoresError, ValueError):
+    """A field of a score file that fails validation (a ValueError too, so :meth:`ErrorTable.load` words it)."""
+
+
+def _check_header(header: dict) -> None:
+    """The header's fields have the types the table is built from (a tampered file must not crash later)."""
+    tensors, candidates, meta = header.get("tensors"), header.get("candidates"), header.get("meta")
+    if not isinstance(tensors, list) or not all(isinstance(t, str) for t in tensors):
+        raise _Invalid("'tensors' is not a list of names")
+    if len(set(tensors)) != len(tensors):
+        raise _Invalid("a tensor is listed twice")
+    if not isinstance(candidates, list) or not candidates or not all(isinstance(c, dict) for c in candidates):
+        raise _Invalid("'candidates' is not a non-empty list of objects")
+    if not isinstance(meta, dict):
+        raise _Invalid(f"'meta' is {type(meta).__name__}, not an object")
+    for key, kind in _META_TYPES.items():
+        if meta.get(key) is not None and not isinstance(meta[key], kind):
+            raise _Invalid(f"'meta.{key}' is {type(meta[key]).__name__}, not {kind.__name__}")
+    if not isinstance(header.get("score"), str):
+        raise _Invalid("'score' is not a name")
+
+
+def _check_arrays(arrays: dict[str, np.ndarray], n_units: int, n_cands: int) -> None:
+    """Offsets that index the slab rows, and errors that are finite with non-negative unit totals.
+
+    A negative unit error rewards a width (a -36 nats "plan"), NaN poisons the solver, and offsets that
+    run backwards or past the rows make each unit's error a sum over other units' slabs. Single slabs
+    may be negative: the gradient score splits its first-order term across slabs and clips only the
+    unit's total at 0 (sensitivity/gradient.py), so the totals are checked, to rounding.
+    """
+    offsets, tokens = arrays.get("slab_offsets"), arrays.get("tokens")
+    if offsets is None or tokens is None:
+        raise KeyError("slab_offsets")
+    if offsets.dtype.kind not in "iu" or offsets.shape != (n_units + 1,):
+        raise _Invalid(f"slab_offsets has shape {list(offsets.shape)} ({offsets.dtype}), expected [{n_units + 1}] "
+                       "integers")
+    if offsets[0] != 0 or np.any(np.diff(offsets) <= 0):
+        raise _Invalid("slab_offsets do not start at 0 and increase")
+    if tokens.shape != (n_units,):
+        raise _Invalid(f"tokens has shape {list(tokens.shape)}, expected [{n_units}]")
+    for name, a in arrays.items():
+        if not name.startswith("score."):
+            continue
+        if a.shape != (int(offsets[-1]), n_cands):
+            raise _Invalid(f"{name} has shape {list(a.shape)}, expected [{int(offsets[-1])}, {n_cands}]")
+        if a.dtype.kind != "f" or not np.isfinite(a).all():
+            raise _Invalid(f"{name} holds non-finite errors")
+        if n_units and (np.add.reduceat(a, offsets[:-1], axis=0)
+                        < -1e-9 * np.add.reduceat(np.abs(a), offsets[:-1], axis=0)).any():
+            raise _Invalid(f"{name} gives a unit a negative error")
+
+
+def _first_error(exc: Exception) -> str:
+    """The first line of a validation message, short enough for one ``error:`` line."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        err = errors()[0]
+        return f"candidates: {'.'.join(str(x) for x in err['loc'])}: {err['msg']}"
+    return str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
