@@ -36,12 +36,39 @@ def _to_unsigned(t: torch.Tensor, bits: int) -> torch.Tensor:
     return (t.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
 
 
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``weight_packed`` of unsigned codes [out, in] (any integer dtype holding 0..2**bits-1)."""
+    return pack_to_int32(_to_signed(codes, bits), bits)
+
+
+def pack_zeros(zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """``weight_zero_point`` of unsigned zero points [out, groups]: packed along the output dimension."""
+    return pack_to_int32(_to_signed(zeros, bits), bits, packed_dim=0)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, int]) -> torch.Tensor:
+    """Unsigned uint8 codes [out, in] of ``weight_packed``."""
+    return _to_unsigned(unpack_from_int32(packed, bits, torch.Size(shape)), bits)
+
+
+def unpack_zeros(packed: torch.Tensor, bits: int, rows: int, groups: int) -> torch.Tensor:
+    """Unsigned uint8 zero points [rows, groups] of ``weight_zero_point``.
+
+    packed_dim=0 is a transpose around the packed_dim=1 path. Transposing here into a fresh dense
+    tensor sidesteps 0.20's 4-bit fast path, which views a transposed tensor as bytes and fails
+    when rows * bits <= 32 (the [groups, 1] transpose keeps a non-unit stride on its last dim).
+    """
+    zp_t = torch.empty_like(packed.t(), memory_format=torch.contiguous_format)
+    zp_t.copy_(packed.t())
+    return _to_unsigned(unpack_from_int32(zp_t, bits, torch.Size((groups, rows))).t(), bits)
+
+
 def pack(c: Codes) -> dict[str, torch.Tensor]:
     """The compressed-tensors ``pack-quantized`` tensors of one module (names without prefix)."""
     return {
-        "weight_packed": pack_to_int32(_to_signed(c.codes, c.bits), c.bits),
+        "weight_packed": pack_codes(c.codes, c.bits),
         "weight_scale": c.scales,
-        "weight_zero_point": pack_to_int32(_to_signed(c.zeros, c.bits), c.bits, packed_dim=0),
+        "weight_zero_point": pack_zeros(c.zeros, c.bits),
         "weight_shape": torch.tensor(c.shape, dtype=torch.int64),
     }
 
@@ -50,11 +77,5 @@ def unpack(tensors: dict[str, torch.Tensor], bits: int, group_size: int) -> Code
     """Read one module's ``pack-quantized`` tensors back into unsigned codes, exactly."""
     out, inp = (int(v) for v in tensors["weight_shape"].tolist())
     scales = tensors["weight_scale"]
-    codes = unpack_from_int32(tensors["weight_packed"], bits, torch.Size((out, inp)))
-    # packed_dim=0 is a transpose around the packed_dim=1 path. Transposing here into a fresh dense
-    # tensor sidesteps 0.20's 4-bit fast path, which views a transposed tensor as bytes and fails
-    # when out * bits <= 32 (the [groups, 1] transpose keeps a non-unit stride on its last dim).
-    zp_t = torch.empty_like(tensors["weight_zero_point"].t(), memory_format=torch.contiguous_format)
-    zp_t.copy_(tensors["weight_zero_point"].t())
-    zeros = unpack_from_int32(zp_t, bits, torch.Size((scales.shape[1], out))).t()
-    return Codes(_to_unsigned(codes, bits), scales, _to_unsigned(zeros, bits), bits, group_size)
+    return Codes(unpack_codes(tensors["weight_packed"], bits, (out, inp)), scales,
+                 unpack_zeros(tensors["weight_zero_point"], bits, out, scales.shape[1]), bits, group_size)

@@ -1,5 +1,9 @@
 """One quantized module in compressed-tensors' ``pack-quantized`` form, both ways, exactly.
 
+The bit-level conversion (signed offset, the library's ``pack_to_int32`` / ``unpack_from_int32``) is
+``bitalloc.kernels.packing``'s, shared with the kernels; this module adds what a checkpoint needs on
+top: the symmetric case (no stored zero point) and validation of every tensor.
+
 Code convention. bitalloc's codes are unsigned: ``q`` in ``0 .. 2**b - 1``, ``w = (q - zero) * scale``
 (symmetric: ``zero = 2**(b-1)``). compressed-tensors quantizes to *signed* int8 ``q_s`` in
 ``-2**(b-1) .. 2**(b-1) - 1`` and dequantizes ``(q_s - z_s) * scale`` (symmetric: no zero point,
@@ -31,20 +35,16 @@ SCALE_DTYPE = torch.float16
 PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")  # one module's tensors
 
 
-def _signed(t: torch.Tensor, bits: int) -> torch.Tensor:
-    return (t.to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
-
-
 def pack(q: QuantizedWeight, name: str) -> dict[str, torch.Tensor]:
     """The pack-quantized tensors of one module (local names), after checking ``q`` fits the format."""
-    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from ..kernels.packing import pack_codes, pack_zeros
 
     _check_storable(q, name)
-    out = {"weight_packed": pack_to_int32(_signed(q.codes, q.bits), q.bits),
+    out = {"weight_packed": pack_codes(q.codes, q.bits),
            "weight_scale": q.scale.to(SCALE_DTYPE).contiguous(),
            "weight_shape": torch.tensor(list(q.codes.shape), dtype=torch.int64)}
     if not q.symmetric:
-        out["weight_zero_point"] = pack_to_int32(_signed(q.zero, q.bits), q.bits, packed_dim=0)
+        out["weight_zero_point"] = pack_zeros(q.zero.to(torch.uint8), q.bits)
     return out
 
 
@@ -72,7 +72,7 @@ def _check_storable(q: QuantizedWeight, name: str) -> None:
 
 def unpack(tensors: dict[str, torch.Tensor], choice: Candidate, name: str) -> QuantizedWeight:
     """Read one module's tensors back into unsigned codes, validating every shape and dtype first."""
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from ..kernels.packing import unpack_codes, unpack_zeros
 
     bits, group = choice.bits, choice.group_size
     shape = tensors.get("weight_shape")
@@ -90,13 +90,9 @@ def unpack(tensors: dict[str, torch.Tensor], choice: Candidate, name: str) -> Qu
             got = "missing" if t is None else f"{t.dtype} {tuple(t.shape)}"
             raise CheckpointError(f"{name}.{local}: expected {dtype or 'float'} {dims} for a [{rows}, {cols}] weight at "
                                   f"{bits} bits in groups of {group}, got {got}; the checkpoint is corrupt")
-    codes = unpack_from_int32(tensors["weight_packed"], bits, torch.Size((rows, cols)))
+    codes = unpack_codes(tensors["weight_packed"], bits, (rows, cols))
     if choice.symmetric:
         zero = torch.full((rows, groups), float(1 << (bits - 1)))
     else:
-        # unpack along dim 0 from a dense transpose: 0.20's 4-bit path views a transposed tensor's
-        # bytes and fails when the packed zero points have a single row
-        zp = tensors["weight_zero_point"].t().contiguous()
-        zero = (unpack_from_int32(zp, bits, torch.Size((groups, rows))).t().float() + (1 << (bits - 1)))
-    return QuantizedWeight((codes.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8),
-                           tensors["weight_scale"].float(), zero.contiguous(), bits, group, choice.symmetric)
+        zero = unpack_zeros(tensors["weight_zero_point"], bits, rows, groups).float()
+    return QuantizedWeight(codes, tensors["weight_scale"].float(), zero.contiguous(), bits, group, choice.symmetric)
