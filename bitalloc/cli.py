@@ -254,16 +254,19 @@ def allocate_cmd(
     *, calibration, solve,
 ) -> None:
     """Choose bits for every tensor so that the model meets the budget exactly."""
-    from .api import allocate
+    from .api import allocate, writes_outputs
     from .api.outputs import Inputs, check_output_files
     from .progress import tracker
 
     inputs = Inputs.of({"the --calib text": calib, "the --scores file": scores,
                         "the --time-table file": ctx.params["time_table"]}, models=[model])
     check_output_files(inputs, output, save_scores)
+    quiet = quiet or not writes_outputs()
     with tracker(quiet) as track:
         plan = allocate(model, budget, calib, scores=scores, calibration=calibration, solve=solve,
                         save_scores=save_scores, track=track)
+    if not writes_outputs():  # another torchrun rank: its share is done, rank 0 writes
+        return
     plan.save(output)
     if not quiet:
         typer.echo(plan.summary())
@@ -291,7 +294,7 @@ def frontier_cmd(
     *, calibration, solve,
 ) -> None:
     """Solve every budget of a sweep from one sensitivity pass; write plans, a CSV and a plot."""
-    from .api import budgets, frontier
+    from .api import budgets, frontier, writes_outputs
     from .api.outputs import Inputs, check_output_dir
     from .progress import tracker
     from .report.frontier import FRONTIER_FILES, write_frontier
@@ -300,9 +303,12 @@ def frontier_cmd(
                         "the --time-table file": ctx.params["time_table"]}, models=[model])
     check_output_dir(output, inputs, FRONTIER_FILES)
     targets = budgets(start, stop, step)
+    quiet = quiet or not writes_outputs()
     with tracker(quiet) as track:
         points = frontier(model, targets, calib, scores=scores, calibration=calibration, solve=solve,
                           eval_text=eval_text, eval_tokens=eval_tokens, track=track)
+    if not writes_outputs():  # another torchrun rank: its share is done, rank 0 writes
+        return
     written = write_frontier(output, points)
     if not quiet:
         for p in points:
@@ -323,13 +329,16 @@ def scores_cmd(
     *, calibration,
 ) -> None:
     """Compute and save the error table only; `allocate --scores` re-solves any budget from it."""
-    from .api import compute_scores
+    from .api import compute_scores, writes_outputs
     from .api.outputs import Inputs, check_output_file
     from .progress import tracker
 
     check_output_file(output, Inputs.of({"the --calib text": calib}, models=[model]))
+    quiet = quiet or not writes_outputs()
     with tracker(quiet) as track:
         table = compute_scores(model, calib, calibration, track)
+    if not writes_outputs():  # another torchrun rank: its share is done, rank 0 writes
+        return
     table.save(output)
     if not quiet:
         typer.echo(f"wrote {output}: {len(table.tensors)} tensors x {len(table.candidates)} candidates; "
@@ -507,3 +516,7 @@ def allocate_main() -> None:
     single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     single.command()(allocate_cmd)
     single()
+
+
+if __name__ == "__main__":  # python -m bitalloc.cli (what torchrun -m runs)
+    main()

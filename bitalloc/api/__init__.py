@@ -10,7 +10,7 @@ run the model import it when they run.
 from ..allocator import Constraints
 from ..allocator.frontier import FrontierPoint, budgets
 from ..sensitivity.table import ErrorTable
-from .allocate import allocate, build_plan, compute_scores, frontier
+from .allocate import allocate, build_plan, compute_scores, frontier, writes_outputs
 from .config import CalibrationConfig, SolveConfig
 from .context import ModelContext
 
@@ -23,7 +23,7 @@ _LAZY = {"evaluate": "evaluation", "import_config": "importer", "quantize": "qua
          "RoundingConfig": "quantization"}
 
 __all__ = ["CalibrationConfig", "Constraints", "FrontierPoint", "ModelContext", "SolveConfig", "allocate", "budgets",
-           "build_plan", "compute_scores", "frontier", "load_scores", *sorted(_LAZY)]
+           "build_plan", "compute_scores", "frontier", "load_scores", "writes_outputs", *sorted(_LAZY)]
 
 
 def __getattr__(name: str):

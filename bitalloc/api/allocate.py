@@ -14,6 +14,7 @@ error table (``allocate --scores``) starts in well under a second.
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from datetime import datetime, timezone
@@ -37,9 +38,20 @@ from .context import ModelContext
 GRADIENT_MIN_SEQUENCES = 32
 
 
+def writes_outputs() -> bool:
+    """Whether this process writes results: always, except on ranks other than 0 of a torchrun launch,
+    which compute their share of the calibration pass and leave writing to rank 0. Read from torchrun's
+    environment, so it is known before the group is joined and without importing torch."""
+    return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or os.environ.get("RANK", "0") == "0"
+
+
 def compute_scores(model: str | Path, calib: str | Path, calibration: Optional[CalibrationConfig] = None,
                    track: Tracker = SILENT) -> ErrorTable:
-    """One calibration pass: every score family's predicted error of every unit at every candidate."""
+    """One calibration pass: every score family's predicted error of every unit at every candidate.
+
+    Launched by torchrun (``torchrun --nproc-per-node N $(which bitalloc) scores ...``), the pass is
+    spread over the processes (``model.distributed``) and every rank returns the same table.
+    """
     calibration = calibration or CalibrationConfig()
     ctx = ModelContext.build(model, calibration, SolveConfig())
     return _measure(ctx, calib, calibration, track, with_combined=True)
@@ -47,17 +59,19 @@ def compute_scores(model: str | Path, calib: str | Path, calibration: Optional[C
 
 def _measure(ctx: ModelContext, calib: str | Path, calibration: CalibrationConfig, track: Tracker,
              with_combined: bool) -> ErrorTable:
+    from ..model import distributed
     from ..model.calib import calibration_windows, tokenize_hashed
     from ..model.layerwise import resolve_device, run_workdir
     from ..rounding.config import RoundingConfig
     from ..sensitivity.collect import measure_errors
 
     resolve_device(calibration.device)  # a bad device fails before tokenizing
+    _, device = distributed.init_from_env(calibration.device)  # under torchrun: join the group, pick this rank's GPU
     with run_workdir(calibration.workdir) as workdir:  # an unusable --workdir fails before tokenizing too
         ctx.ckpt.check_seqlen(calibration.seqlen)
         tokens = tokenize_hashed(ctx.ckpt.path, calib, calibration.tokens)
         windows = calibration_windows(tokens.ids, calibration.tokens, calibration.seqlen, calibration.seed)
-        table = measure_errors(ctx.ckpt, ctx.inv, windows, list(calibration.candidates), device=calibration.device,
+        table = measure_errors(ctx.ckpt, ctx.inv, windows, list(calibration.candidates), device=device,
                                track=track, workdir=workdir, seed=calibration.seed, with_combined=with_combined,
                                rounding=RoundingConfig() if calibration.rounding == "gptq" else None)
     table.meta["calibration"] = {"file": str(calib), "sha256": tokens.sha256, "tokens": int(windows.numel()),
@@ -92,7 +106,7 @@ def allocate(model: str | Path, budget: str | float, calib: Optional[str | Path]
     table = _table(ctx, calib, scores, calibration, solve, track)
     if scores is None:
         timings["sensitivity_s"] = time.perf_counter() - t0
-        if save_scores is not None:
+        if save_scores is not None and writes_outputs():
             table.save(save_scores)
     plan = _solve(ctx, problem, table, parsed, calibration.seed, track)
     return plan.model_copy(update={"timings": {**timings, "solve_s": plan.solver.seconds,

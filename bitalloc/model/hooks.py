@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..plan import Role
+from .distributed import Group
 from .inventory import Unit
 from .layerwise import EXPERT_ROLES, expert_slice
 
@@ -36,7 +37,9 @@ class InputStats:
         self._h: dict[str, torch.Tensor] = {}
         self._tokens: dict[str, int] = defaultdict(int)
         self.hooks = []
+        self._finished = False
         params = dict(layer.named_parameters())
+        self.device = next(iter(params.values())).device if params else torch.device("cpu")
         modules: dict[str, str] = {}  # input key -> the one module hooked for it
         expert_units: list[Unit] = []
         for u in units:
@@ -93,3 +96,27 @@ class InputStats:
     def close(self) -> None:
         for h in self.hooks:
             h.remove()
+
+    def finish(self, group: Group) -> None:
+        """Stop collecting; in a distributed pass, sum H and token counts over the ranks (once).
+
+        A rank may have no H for an input that another rank saw (an expert none of its tokens were
+        routed to): it joins the sum with zeros, so every rank ends with the same set of inputs.
+        """
+        if self._finished:
+            return
+        self.close()
+        self._finished = True
+        if not group.active:
+            return
+        dims: dict[str, int] = {}
+        for part in group.gather({k: h.shape[0] for k, h in self._h.items()}):
+            dims.update(part)
+        keys = sorted(dims)
+        for key in keys:
+            h = self._h.get(key)
+            if h is None:
+                h = self._h[key] = torch.zeros(dims[key], dims[key], device=self.device)
+            group.sum_(h)
+        for key, n in zip(keys, group.sum_float(*(self._tokens[k] for k in keys))):
+            self._tokens[key] = int(n)

@@ -28,7 +28,9 @@ from ..errors import CalibrationError, ScoresError
 from ..model.checkpoint import Checkpoint
 from ..model.inventory import Inventory, Unit
 from ..model.hooks import InputStats
-from ..model.layerwise import ActivationStore, LayerwiseModel, unit_param, unit_slice, unit_view
+from ..model import distributed
+from ..model.layerwise import LayerwiseModel, unit_param, unit_slice, unit_view
+from ..model.replay import LayerInputs
 from ..plan import Candidate, Role
 from ..progress import SILENT, Tracker
 from ..rounding.apply import quantize_runs
@@ -69,6 +71,12 @@ class GradStats:
         self.dots[s] = slab_sums_torch((self._stacked * g).sum(1))
         self.sketch[s] = self.sketch_fn(g)
 
+    def reduce(self, group: distributed.Group) -> None:
+        """Sum over the ranks of a distributed pass (each added its own sequences; the rows of
+        ``dots`` and ``sketch`` of other ranks' sequences are zero here)."""
+        for t in (self.fisher, self.mean, self.dots, self.sketch):
+            group.sum_(t)
+
     def merge(self, other: "GradStats") -> None:
         """Add another use of the same weight (tied embedding + head): every term is linear in g except
         the Fisher diagonal, whose cross term E[2 g_1 g_2] is dropped."""
@@ -103,6 +111,23 @@ class _Results:
                 self.stats[k][r] = v
             for k, v in out.vectors.items():
                 self.vectors[k][r] = v
+
+    def gather(self, group: distributed.Group) -> None:
+        """Collect the rows other ranks computed (each rank records the units it owns)."""
+        if not group.active:
+            return
+        mine = {r: (self.tokens[r], {k: v[r] for k, v in self.errors.items()}, {k: v[r] for k, v in self.stats.items()},
+                    {k: v[r] for k, v in self.vectors.items()})
+                for r in range(len(self.units)) if group.owns(r)}
+        for part in group.gather(mine):
+            for r, (tokens, errors, stats, vectors) in part.items():
+                self.tokens[r] = tokens
+                for k, v in errors.items():
+                    self.errors[k][r] = v
+                for k, v in stats.items():
+                    self.stats[k][r] = v
+                for k, v in vectors.items():
+                    self.vectors[k][r] = v
 
     def unit_errors(self) -> dict[str, np.ndarray]:
         return {k: np.stack([s.sum(0) for s in v]) for k, v in self.errors.items()}
@@ -158,11 +183,20 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
     --method gptq`` will apply), instead of RTN's; H is then collected in a forward pre-pass over the
     layer, before the backward sweeps need dW. Units outside the decoder layers and MoE experts routed
     fewer than ``rounding.min_expert_tokens`` tokens keep RTN's error, as the rounding driver does.
+
+    Inside a process group (``model.distributed``, launched by torchrun) each rank runs its share of
+    the sequences and computes the families of its share of the units; every rank returns the whole
+    table. Progress is shown by rank 0 only.
     """
+    group = distributed.current()
+    if not group.leader:
+        track = SILENT
     lm = LayerwiseModel(ckpt, device)
     n_seq, seqlen = ids.shape
     n_pred = seqlen - 1
     ids = ids.to(lm.device)
+    mine = group.shard(n_seq).tolist()  # global indices of this rank's sequences
+    local_ids = ids[mine]
     units = inv.quantized
     by_layer: dict[Optional[int], list[Unit]] = defaultdict(list)
     for u in units:
@@ -176,18 +210,24 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
         meta["rounding"] = "gptq"
 
     t0 = time.perf_counter()
-    stores = lm.forward_stores(ids, FORWARD_BATCH, workdir, track)
-    grad = ActivationStore(n_seq, seqlen, lm.hidden_size, workdir)
+    stream = LayerInputs(lm, local_ids, FORWARD_BATCH, workdir, track, _lim_sum)
     try:
+        grad = torch.empty(len(mine), seqlen, lm.hidden_size, device=lm.device)  # dL/dh at the current layer
         timings["forward_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        lims = _layer_lims(stores)
+        lims = [total / max(n, 1) for total, n in (group.sum_float(*ts) for ts in stream.lim_sums)]
         meta["lim"] = lims
+        meta["disk_stores"] = stream.disk_stores
 
         def context(w: torch.Tensor, st: GradStats, h, rw, tokens: int, lim: float, zd: float) -> UnitContext:
             return UnitContext(w=w, candidates=candidates, dws=st.dws, h=h, row_weights=rw, tokens=tokens,
                                n_seq=n_seq, n_pred=n_pred, fisher=st.fisher / n_seq, grad_mean=st.mean / n_seq,
                                dots=st.dots, sketch=st.sketch, lim=lim, zd=zd)
+
+        def record(u: Unit, st: GradStats, w: torch.Tensor, h, rw, tokens: int, lim: float, zd: float) -> None:
+            st.reduce(group)
+            if group.owns(res.rows[u.tensor]):
+                res.record(u, context(w, st, h, rw, tokens, lim, zd))
 
         # ---- loss and dL/dh at the top (per sequence) ----------------------------------
         norm_w, head_w = lm.head_weights()
@@ -195,63 +235,67 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
         head_w.requires_grad_(head_unit is not None)
         head_stats = _grad_stats(head_w.detach(), candidates, n_seq, head_unit) if head_unit is not None else None
         head_h = torch.zeros(head_w.shape[1], head_w.shape[1], device=lm.device) if head_unit is not None else None
-        losses = []
-        for s in range(n_seq):
-            h = stores[-1].tensor[s:s + 1].to(lm.device).requires_grad_(True)
+        loss_sum = 0.0
+        for s, g in enumerate(mine):
+            h = stream.top[s:s + 1].detach().requires_grad_(True)
             logits = lm.head_logits(h, norm_w, head_w)
-            loss = nn.functional.cross_entropy(logits[0, :-1], ids[s, 1:])
+            loss = nn.functional.cross_entropy(logits[0, :-1], local_ids[s, 1:])
             loss.backward()
-            grad.tensor[s:s + 1] = h.grad.cpu()
+            grad[s:s + 1] = h.grad
             if head_stats is not None:
-                head_stats.add(s, head_w.grad)
+                head_stats.add(g, head_w.grad)
                 head_w.grad = None
                 xn = lm.final_norm(h.detach(), norm_w)[0]
                 head_h += xn.T @ xn
-            losses.append(float(loss.detach()))
-        meta["calibration_loss"] = float(np.mean(losses))
+            loss_sum += float(loss.detach())
+        meta["calibration_loss"] = group.sum_float(loss_sum)[0] / n_seq
+        if head_h is not None:
+            group.sum_(head_h)
+        stream.drop_top()
 
         # ---- backward, layer by layer ------------------------------------------------
         bwd = track.task("sensitivity (per layer)", lm.num_layers)
         pos1 = lm.position_embeddings(seqlen, 1)
         for i in reversed(range(lm.num_layers)):
             layer = lm.load_layer(i)
+            x_all = stream.input(i)  # this layer's inputs, read once
             layer_units = by_layer.get(i, [])
             inputs = InputStats(layer, layer_units)
             if rounding is not None:  # GPTQ's dW needs H before the sweeps
                 with torch.no_grad():
-                    for s in range(n_seq):
-                        lm.run_layer(layer, stores[i].tensor[s:s + 1].to(lm.device), pos1)
-                inputs.close()
+                    for s in range(len(mine)):
+                        lm.run_layer(layer, x_all[s:s + 1], pos1)
+                inputs.finish(group)
             params = dict(layer.named_parameters())
             zd = _layer_zd([unit_view(layer, u) for u in layer_units])
             groups = stat_groups(layer_units, len(candidates), stats_budget)
-            for k, group in enumerate(groups):
+            for k, sweep in enumerate(groups):
                 last = k == len(groups) - 1  # the sweep that also passes dL/dh to the layer below
                 for p in params.values():
                     p.requires_grad_(False)
                 stats = {}
-                for u in group:
+                for u in sweep:
                     param, name = unit_param(layer, u)
                     param.requires_grad_(True)
                     h = gptq_hessian(inputs, u, rounding)
                     stats[u.tensor] = (name, _grad_stats(unit_view(layer, u), candidates, n_seq, u, h, rounding))
-                for s in range(n_seq):
-                    x = stores[i].tensor[s:s + 1].to(lm.device).requires_grad_(last)
+                for s, g in enumerate(mine):
+                    x = x_all[s:s + 1].detach().requires_grad_(last)
                     y = lm.run_layer(layer, x, pos1)
                     layer.zero_grad(set_to_none=True)
-                    y.backward(grad.tensor[s:s + 1].to(lm.device))
+                    y.backward(grad[s:s + 1])
                     if last:
-                        grad.tensor[s:s + 1] = x.grad.cpu()
-                    for u in group:
+                        grad[s:s + 1] = x.grad
+                    for u in sweep:
                         name, st = stats[u.tensor]
-                        st.add(s, unit_slice(params[name].grad, layer, u))
-                inputs.close()  # H is complete after the first sweep
-                for u in group:
+                        st.add(g, unit_slice(params[name].grad, layer, u))
+                inputs.finish(group)  # H is complete after the first sweep
+                for u in sweep:
                     st = stats.pop(u.tensor)[1]
-                    res.record(u, context(unit_view(layer, u).detach(), st, inputs.hessian(u.tensor), None,
-                                          inputs.tokens(u.tensor), lims[i], zd))
+                    record(u, st, unit_view(layer, u).detach(), inputs.hessian(u.tensor), None,
+                           inputs.tokens(u.tensor), lims[i], zd)
                 del stats
-            del inputs
+            del inputs, x_all
             lm.release_layer(i)
             bwd.advance()
 
@@ -262,30 +306,31 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
             emb = lm.embedding_weight()
             emb_stats = _grad_stats(emb, candidates, n_seq, emb_unit) if emb_unit is not None else None
             if emb_stats is not None:
-                for s in range(n_seq):
-                    emb_stats.add(s, torch.zeros_like(emb).index_add_(0, ids[s], grad.tensor[s].to(lm.device)))
-            counts = torch.bincount(ids.flatten(), minlength=emb.shape[0]).float()
+                for s, g in enumerate(mine):
+                    emb_stats.add(g, torch.zeros_like(emb).index_add_(0, local_ids[s], grad[s]))
+            counts = group.sum_(torch.bincount(local_ids.flatten(), minlength=emb.shape[0]).float())
             n_tok = n_seq * seqlen
             if inv.tied_embeddings:  # one tensor, two uses: the head's inputs define its H
                 if emb_stats is not None:
                     head_stats.merge(emb_stats)
-                res.record(head_unit, context(emb, head_stats, head_h, None, n_tok, top_lim, _layer_zd([emb])))
+                record(head_unit, head_stats, emb, head_h, None, n_tok, top_lim, _layer_zd([emb]))
             else:
                 if emb_stats is not None:
-                    res.record(emb_unit, context(emb, emb_stats, None, counts, n_tok, top_lim, _layer_zd([emb])))
+                    record(emb_unit, emb_stats, emb, None, counts, n_tok, top_lim, _layer_zd([emb]))
                 if head_stats is not None:
                     hw = head_w.detach()
-                    res.record(head_unit, context(hw, head_stats, head_h, None, n_tok, top_lim, _layer_zd([hw])))
+                    record(head_unit, head_stats, hw, head_h, None, n_tok, top_lim, _layer_zd([hw]))
+        res.gather(group)
         timings["sensitivity_s"] = time.perf_counter() - t0
         res.fill_unrouted_experts()
 
         if with_combined:
             t0 = time.perf_counter()
-            meta["combined"] = _add_combined(lm, stores, ids, res, seed, track)
+            sample = sum(1 for g in mine if g < combined.SAMPLE_SEQS)  # this rank's part of the measured sample
+            meta["combined"] = _add_combined(TruthRunner(lm, local_ids[:sample], group.sum_float), res, seed, track)
             timings["combined_s"] = time.perf_counter() - t0
     finally:
-        for st in stores + [grad]:
-            st.close()
+        stream.close()
     timings.update({f"family_{k}_s": v for k, v in res.seconds.items()})
     meta["timings"] = timings
     return _check_finite(res.table(DEFAULT_SCORE, meta))
@@ -308,13 +353,11 @@ def _check_finite(table: ErrorTable) -> ErrorTable:
     return table
 
 
-def _add_combined(lm: LayerwiseModel, stores: list[ActivationStore], ids: torch.Tensor, res: _Results, seed: int,
-                  track: Tracker) -> dict:
+def _add_combined(runner: TruthRunner, res: _Results, seed: int, track: Tracker) -> dict:
     """Fit ``combined`` on a measured sample and add its errors, split over slabs like ``fisher``'s."""
     unit_errors = res.unit_errors()
     task = track.task("combined (measured sample)", 2 * combined.SAMPLE_UNITS)
-    runner = TruthRunner(lm, stores, ids, combined.SAMPLE_SEQS)
-    comb, info = combined.calibrate(runner, res.units, res.candidates, unit_errors, seed, task.advance)
+    comb, info = combined.calibrate(runner.measure, res.units, res.candidates, unit_errors, seed, task.advance)
     fisher_units = unit_errors["fisher"]
     for r in range(len(res.units)):
         slabs = res.errors["fisher"][r]
@@ -372,16 +415,13 @@ def _stable_seed(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
-def _layer_lims(stores: list[ActivationStore]) -> list[float]:
-    """LIM of every decoder layer from the stored inputs of consecutive layers."""
-    out = []
-    for i in range(len(stores) - 1):
-        total, n = 0.0, 0
-        for s in range(stores[i].tensor.shape[0]):
-            t, k = importance.lim(stores[i].tensor[s], stores[i + 1].tensor[s])
-            total, n = total + t, n + k
-        out.append(total / max(n, 1))
-    return out
+def _lim_sum(h_in: torch.Tensor, h_out: torch.Tensor) -> tuple[float, int]:
+    """(sum of 1 - cos, tokens) of one layer over all sequences, summed sequence by sequence."""
+    total, n = 0.0, 0
+    for s in range(h_in.shape[0]):
+        t, k = importance.lim(h_in[s], h_out[s])
+        total, n = total + t, n + k
+    return total, n
 
 
 def _layer_zd(weights: list[torch.Tensor]) -> float:

@@ -70,20 +70,23 @@ def fit(features: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, float]:
     return coef, float(np.sqrt(np.mean(loo**2)))
 
 
-def calibrate(truth_of: Callable[[Unit, Candidate], float], units: list[Unit], candidates: list[Candidate],
-              unit_errors: dict[str, np.ndarray], seed: int, advance: Callable[[], None]) -> tuple[np.ndarray, dict]:
-    """([U, C] combined errors, metadata). ``unit_errors[name]`` is [U, C] for every name in FEATURES."""
+TruthOf = Callable[[list[tuple[Unit, Candidate]], Callable[[], None]], list[float]]
+
+
+def calibrate(truth_of: TruthOf, units: list[Unit], candidates: list[Candidate], unit_errors: dict[str, np.ndarray],
+              seed: int, advance: Callable[[], None]) -> tuple[np.ndarray, dict]:
+    """([U, C] combined errors, metadata). ``unit_errors[name]`` is [U, C] for every name in FEATURES.
+
+    ``truth_of(pairs, advance)`` measures the loss increase of each (unit, candidate) pair (all at
+    once, so that a runner can share layer loads between them) and calls ``advance`` per pair.
+    """
     narrow = sorted(range(len(candidates)), key=lambda j: candidates[j].bits)[:2]
     rows = sample_units(units, SAMPLE_UNITS, seed)
     pairs = [(r, j) for r in rows for j in narrow]
     logs = np.stack([_logs(unit_errors[k]) for k in FEATURES], axis=-1)  # [U, C, K]
     if len(pairs) < MIN_SAMPLE:
         return unit_errors["fisher"], {"note": f"only {len(rows)} units to sample; combined = fisher"}
-    measured = []
-    for r, j in pairs:
-        measured.append(truth_of(units[r], candidates[j]))
-        advance()
-    t = np.asarray(measured)
+    t = np.asarray(truth_of([(units[r], candidates[j]) for r, j in pairs], advance))
     pos = t[t > 0]
     target = np.log(np.maximum(t, 1e-3 * (np.median(pos) if len(pos) else 1.0)))
     coef, loo = fit(np.stack([logs[r, j] for r, j in pairs]), target)
