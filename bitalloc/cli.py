@@ -148,11 +148,11 @@ def _calibration_options(only: Optional[tuple[str, ...]] = None) -> Callable[[Ca
     def build(candidates: str = candidates_text(d.candidates), calib_tokens: int = d.tokens, seqlen: int = d.seqlen,
               seed: int = d.seed, include_lm_head: bool = d.include_lm_head,
               include_embeddings: bool = d.include_embeddings, device: str = d.device,
-              workdir: Optional[Path] = None, rounding: str = d.rounding) -> CalibrationConfig:
+              workdir: Optional[Path] = None, rounding: str = d.rounding, resume: bool = d.resume) -> CalibrationConfig:
         return CalibrationConfig(tokens=calib_tokens, seqlen=seqlen, seed=seed, device=device,
                                  include_lm_head=include_lm_head, include_embeddings=include_embeddings,
                                  candidates=tuple(parse_candidates(candidates)),
-                                 workdir=None if workdir is None else str(workdir), rounding=rounding)
+                                 workdir=None if workdir is None else str(workdir), rounding=rounding, resume=resume)
 
     opt = typer.Option
     options = (
@@ -172,6 +172,9 @@ def _calibration_options(only: Optional[tuple[str, ...]] = None) -> Callable[[Ca
         _Option("rounding", Annotated[str, opt(help="Whose weight error the table predicts: rtn, or gptq (a plan made "
                                                     "for `quantize --method gptq`; docs/sensitivity.md).")],
                 d.rounding),
+        _Option("resume", Annotated[bool, opt(help="Keep per-layer checkpoints of the calibration pass in --workdir "
+                                                   "(default $TMPDIR) and continue an interrupted pass from them.")],
+                d.resume),
     )
     return _options("calibration", tuple(o for o in options if only is None or o.name in only), build)
 

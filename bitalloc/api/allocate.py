@@ -15,6 +15,7 @@ error table (``allocate --scores``) starts in well under a second.
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 import warnings
 from datetime import datetime, timezone
@@ -73,7 +74,8 @@ def _measure(ctx: ModelContext, calib: str | Path, calibration: CalibrationConfi
         windows = calibration_windows(tokens.ids, calibration.tokens, calibration.seqlen, calibration.seed)
         table = measure_errors(ctx.ckpt, ctx.inv, windows, list(calibration.candidates), device=device,
                                track=track, workdir=workdir, seed=calibration.seed, with_combined=with_combined,
-                               rounding=RoundingConfig() if calibration.rounding == "gptq" else None)
+                               rounding=RoundingConfig() if calibration.rounding == "gptq" else None,
+                               resume=(calibration.workdir or tempfile.gettempdir()) if calibration.resume else None)
     table.meta["calibration"] = {"file": str(calib), "sha256": tokens.sha256, "tokens": int(windows.numel()),
                                  "seqlen": calibration.seqlen, "seed": calibration.seed}
     return table

@@ -35,7 +35,9 @@ class CalibrationConfig:
     the table predicts: RTN's, or GPTQ's under each unit's H with the default ``RoundingConfig`` (a plan
     made for ``bitalloc quantize --method gptq``). ``workdir`` is where the run's work
     directory (memory-mapped activations, removed when the run ends however it ends) is made; None: $TMPDIR.
-    It changes where files go, never what the table holds.
+    It changes where files go, never what the table holds. ``resume`` keeps per-layer checkpoints of
+    the pass in ``workdir`` (``sensitivity/resume.py``), so that running the same command again after
+    an interruption continues after the last completed layer, with an identical table.
     """
 
     tokens: int = CALIB_TOKENS
@@ -47,6 +49,7 @@ class CalibrationConfig:
     candidates: tuple[Candidate, ...] = DEFAULT_CANDIDATES
     workdir: Optional[str] = None
     rounding: str = "rtn"  # whose weight error the table predicts: rtn, or gptq (rounding-aware plans)
+    resume: bool = False
 
     def __post_init__(self) -> None:
         # Refused here, before any file is opened: each of these used to be silently replaced or crash hours in.

@@ -78,17 +78,19 @@ class LayerInputs:
         if i == start:
             return self.checkpoints[i].tensor.to(self.lm.device)
         if self._segment != start:
-            self._replay(start)
+            self._replay(start, i)
         return self.pool[i - start - 1].tensor.to(self.lm.device)
 
-    def _replay(self, start: int) -> None:
-        """Recompute the inputs of layers start+1 .. end of the segment from its checkpoint."""
+    def _replay(self, start: int, upto: int) -> None:
+        """Recompute the inputs of layers start+1 .. upto of the segment from its checkpoint.
+
+        ``upto`` is the segment's top layer, except when a resumed pass starts inside a segment.
+        """
         lm = self.lm
-        end = min(start + self.k, lm.num_layers)
-        while len(self.pool) < end - start - 1:
+        while len(self.pool) < upto - start:
             self.pool.append(self._store())
         x = self.checkpoints[start].tensor.to(lm.device, copy=True)  # replayed in place: never into the checkpoint
-        for j in range(start, end - 1):
+        for j in range(start, upto):
             lm.run_layer_batched(lm.load_layer(j), x, x, self.batch)
             lm.release_layer(j)
             self.pool[j - start].tensor.copy_(x)

@@ -39,6 +39,7 @@ from ..rounding.rtn import rtn_error
 from .table import DEFAULT_SCORE, SLAB_WIDTH, ErrorTable
 from . import combined, gradient, hessian, importance, spectral
 from .base import UnitContext, slab_sums_torch
+from .resume import Checkpoints, Row, resume_key
 from .truth import TruthRunner
 
 FAMILIES = {"hessian": hessian, "spectral": spectral, "importance": importance, "gradient": gradient}
@@ -70,6 +71,14 @@ class GradStats:
         self.mean += g
         self.dots[s] = slab_sums_torch((self._stacked * g).sum(1))
         self.sketch[s] = self.sketch_fn(g)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The accumulators (what a resumed pass restores); ``dws`` are recomputed from the weight."""
+        return {"fisher": self.fisher, "mean": self.mean, "dots": self.dots, "sketch": self.sketch}
+
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        for name, t in self.state().items():
+            t.copy_(state[name])
 
     def reduce(self, group: distributed.Group) -> None:
         """Sum over the ranks of a distributed pass (each added its own sequences; the rows of
@@ -112,22 +121,29 @@ class _Results:
             for k, v in out.vectors.items():
                 self.vectors[k][r] = v
 
+    def rows_of(self, units: list[Unit], group: distributed.Group) -> dict[int, Row]:
+        """What this rank recorded for ``units`` (the ones it owns), by row."""
+        rows = [self.rows[u.tensor] for u in units]
+        return {r: (self.tokens[r], {k: v[r] for k, v in self.errors.items() if v[r] is not None},
+                    {k: v[r] for k, v in self.stats.items() if not np.isnan(v[r])},
+                    {k: v[r] for k, v in self.vectors.items() if len(v[r])})
+                for r in rows if group.owns(r)}
+
+    def put(self, rows: dict[int, Row]) -> None:
+        for r, (tokens, errors, stats, vectors) in rows.items():
+            self.tokens[r] = tokens
+            for k, v in errors.items():
+                self.errors[k][r] = v
+            for k, v in stats.items():
+                self.stats[k][r] = v
+            for k, v in vectors.items():
+                self.vectors[k][r] = v
+
     def gather(self, group: distributed.Group) -> None:
         """Collect the rows other ranks computed (each rank records the units it owns)."""
-        if not group.active:
-            return
-        mine = {r: (self.tokens[r], {k: v[r] for k, v in self.errors.items()}, {k: v[r] for k, v in self.stats.items()},
-                    {k: v[r] for k, v in self.vectors.items()})
-                for r in range(len(self.units)) if group.owns(r)}
-        for part in group.gather(mine):
-            for r, (tokens, errors, stats, vectors) in part.items():
-                self.tokens[r] = tokens
-                for k, v in errors.items():
-                    self.errors[k][r] = v
-                for k, v in stats.items():
-                    self.stats[k][r] = v
-                for k, v in vectors.items():
-                    self.vectors[k][r] = v
+        if group.active:
+            for part in group.gather(self.rows_of(self.units, group)):
+                self.put(part)
 
     def unit_errors(self) -> dict[str, np.ndarray]:
         return {k: np.stack([s.sum(0) for s in v]) for k, v in self.errors.items()}
@@ -173,7 +189,7 @@ class _Results:
 def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidates: list[Candidate],
                    device: str = "auto", track: Tracker = SILENT, workdir: Optional[str] = None,
                    seed: int = 0, with_combined: bool = True, stats_budget: int = STATS_BUDGET,
-                   rounding: Optional[RoundingConfig] = None) -> ErrorTable:
+                   rounding: Optional[RoundingConfig] = None, resume: Optional[str] = None) -> ErrorTable:
     """Run the calibration pass and return the error table (every score) of every unlocked unit of ``inv``.
 
     ``with_combined=False`` skips the measured sample that ``combined`` needs (the table then has
@@ -186,7 +202,8 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
 
     Inside a process group (``model.distributed``, launched by torchrun) each rank runs its share of
     the sequences and computes the families of its share of the units; every rank returns the whole
-    table. Progress is shown by rank 0 only.
+    table. Progress is shown by rank 0 only. ``resume`` is a directory for per-layer checkpoints
+    (``resume.py``): a pass interrupted after some layers continues from there when run again.
     """
     group = distributed.current()
     if not group.leader:
@@ -208,6 +225,10 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
                   "calib_sequences": n_seq, "seqlen": seqlen}
     if rounding is not None:
         meta["rounding"] = "gptq"
+    key = {"config": ckpt.config_sha256, "index": ckpt.index_sha256, "candidates": [c.id for c in candidates],
+           "units": [u.tensor for u in units], "seed": seed, "rounding": rounding is not None,
+           "stats_budget": stats_budget, "world": group.world, "rank": group.rank}
+    ckpts = Checkpoints(resume, resume_key(key, ids))
 
     t0 = time.perf_counter()
     stream = LayerInputs(lm, local_ids, FORWARD_BATCH, workdir, track, _lim_sum)
@@ -235,30 +256,46 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
         head_w.requires_grad_(head_unit is not None)
         head_stats = _grad_stats(head_w.detach(), candidates, n_seq, head_unit) if head_unit is not None else None
         head_h = torch.zeros(head_w.shape[1], head_w.shape[1], device=lm.device) if head_unit is not None else None
-        loss_sum = 0.0
-        for s, g in enumerate(mine):
-            h = stream.top[s:s + 1].detach().requires_grad_(True)
-            logits = lm.head_logits(h, norm_w, head_w)
-            loss = nn.functional.cross_entropy(logits[0, :-1], local_ids[s, 1:])
-            loss.backward()
-            grad[s:s + 1] = h.grad
+        top = ckpts.load_top()
+        if top is None:
+            loss_sum = 0.0
+            for s, g in enumerate(mine):
+                h = stream.top[s:s + 1].detach().requires_grad_(True)
+                logits = lm.head_logits(h, norm_w, head_w)
+                loss = nn.functional.cross_entropy(logits[0, :-1], local_ids[s, 1:])
+                loss.backward()
+                grad[s:s + 1] = h.grad
+                if head_stats is not None:
+                    head_stats.add(g, head_w.grad)
+                    head_w.grad = None
+                    xn = lm.final_norm(h.detach(), norm_w)[0]
+                    head_h += xn.T @ xn
+                loss_sum += float(loss.detach())
+            meta["calibration_loss"] = group.sum_float(loss_sum)[0] / n_seq
+            if head_h is not None:
+                group.sum_(head_h)
+            saved = {"grad": grad, **({} if head_stats is None else {**head_stats.state(), "head_h": head_h})}
+            ckpts.save_top({"calibration_loss": meta["calibration_loss"]}, saved)
+        else:
+            meta["calibration_loss"] = top[0]["calibration_loss"]
+            grad.copy_(top[1]["grad"])
             if head_stats is not None:
-                head_stats.add(g, head_w.grad)
-                head_w.grad = None
-                xn = lm.final_norm(h.detach(), norm_w)[0]
-                head_h += xn.T @ xn
-            loss_sum += float(loss.detach())
-        meta["calibration_loss"] = group.sum_float(loss_sum)[0] / n_seq
-        if head_h is not None:
-            group.sum_(head_h)
+                head_stats.restore(top[1])
+                head_h.copy_(top[1]["head_h"])
         stream.drop_top()
+        done = _agreed_progress(ckpts, group, lm.num_layers) if top is not None else lm.num_layers
+        if done < lm.num_layers:
+            grad.copy_(ckpts.load_grad())
+            for j in range(done, lm.num_layers):
+                res.put(ckpts.load_layer(j))
 
         # ---- backward, layer by layer ------------------------------------------------
         bwd = track.task("sensitivity (per layer)", lm.num_layers)
         pos1 = lm.position_embeddings(seqlen, 1)
-        for i in reversed(range(lm.num_layers)):
+        bwd.advance(lm.num_layers - done)  # layers restored from checkpoints
+        for i in reversed(range(done)):
+            x_all = stream.input(i)  # this layer's inputs (replaying its segment loads the layers below first)
             layer = lm.load_layer(i)
-            x_all = stream.input(i)  # this layer's inputs, read once
             layer_units = by_layer.get(i, [])
             inputs = InputStats(layer, layer_units)
             if rounding is not None:  # GPTQ's dW needs H before the sweeps
@@ -297,6 +334,7 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
                 del stats
             del inputs, x_all
             lm.release_layer(i)
+            ckpts.save_layer(i, res.rows_of(layer_units, group), grad)
             bwd.advance()
 
         # ---- embedding / lm_head, when they are counted --------------------------------
@@ -333,7 +371,23 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
         stream.close()
     timings.update({f"family_{k}_s": v for k, v in res.seconds.items()})
     meta["timings"] = timings
-    return _check_finite(res.table(DEFAULT_SCORE, meta))
+    table = _check_finite(res.table(DEFAULT_SCORE, meta))
+    ckpts.finish()
+    return table
+
+
+def _agreed_progress(ckpts: Checkpoints, group: distributed.Group, n_layers: int) -> int:
+    """The first layer not yet done (counting down from the top), the same on every rank.
+
+    Ranks save their checkpoints independently; if an interruption left them at different layers,
+    no common state exists and the layers are redone from the top (with a warning).
+    """
+    mine = ckpts.done()
+    everyone = group.gather(n_layers if mine is None else mine)
+    if len(set(everyone)) > 1:
+        warnings.warn(f"ranks stopped at different layers {everyone}; redoing the layers from the top", stacklevel=3)
+        return n_layers
+    return everyone[0]
 
 
 def _check_finite(table: ErrorTable) -> ErrorTable:
