@@ -13,7 +13,10 @@ from bitalloc.model.checkpoint import Checkpoint
 from bitalloc.model.inventory import build_inventory
 from bitalloc.plan import DEFAULT_CANDIDATES, Role
 from bitalloc.rounding import rtn_error
+from bitalloc.sensitivity import truth
 from bitalloc.sensitivity.collect import measure_errors
+
+from .conftest import make_text
 
 
 def test_dense_inventory(tiny_llama):
@@ -145,9 +148,9 @@ def test_at_most_one_decoder_layer_is_materialised(tiny_moe, calib_file, heldout
     ids = calibration_windows(tokenize(tiny_moe, calib_file), 256, 128, seed=0)
     table = measure_errors(ckpt, build_inventory(ckpt), ids, list(DEFAULT_CANDIDATES))
     evaluate(ckpt, heldout_file, tokens=256, seqlen=128)
-    # forward + backward passes, one partial forward per sampled truth of `combined`, then evaluation
-    truths = table.meta["combined"]["sample_points"]
-    assert 2 * 2 + truths + 2 <= len(seen) <= 2 * 2 + 2 * truths + 2
+    # forward, replay of layer 1's input, backward, one sweep of `combined`'s truths per MAX_STREAMS, evaluation
+    sweeps = math.ceil(table.meta["combined"]["sample_points"] / truth.MAX_STREAMS)
+    assert len(seen) == 2 + 1 + 2 + 2 * sweeps + 2
 
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3"])
@@ -193,3 +196,16 @@ def test_ground_truth_matches_direct_quantization(name, calib_file, request):
         loss = float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                        ids[:, 1:].reshape(-1)))
         assert truth[inv.quantized.index(u), 0] == pytest.approx(loss - base, rel=1e-3, abs=1e-6)
+
+
+def test_chunked_tokenization_gives_the_ids_of_the_whole_text(tiny_llama, tmp_path, monkeypatch):
+    from bitalloc.model import calib
+
+    path = tmp_path / "t.txt"
+    path.write_text(make_text(3000, 5) + "  indented line\n\n\nafter blank lines\n" + make_text(3000, 6))
+    whole = calib.tokenize(tiny_llama, path)
+    monkeypatch.setattr(calib, "TOKENIZE_CHUNK", 1000)
+    pieces = list(calib.text_chunks(path.read_text(), 1000))
+    assert len(pieces) > 10 and "".join(pieces) == path.read_text()
+    assert all(p.endswith("\n") and not p[-2].isspace() and not p[0].isspace() for p in pieces[1:-1])
+    np.testing.assert_array_equal(calib.tokenize(tiny_llama, path), whole)

@@ -78,3 +78,18 @@ def test_every_exporter_on_a_shared_model_plan(model, tmp_path):
         if spec:
             assert spec["weight_dtype"] == f"torch.int{quantized[module].bits}"
             assert spec["granularity"]["group_size"] == quantized[module].group_size
+
+
+@pytest.mark.parametrize("model", [DENSE, MOE, DENSE.parent / "llama-densek-26m"], ids=lambda p: p.name)
+def test_chunked_tokenization_gives_the_ids_of_the_whole_text(model, monkeypatch):
+    """The reference tokenizers on the calibration text: 64 KiB pieces (or one call, for the Llama-2-style
+    tokenizer that prefixes every call), the same ids as one call."""
+    import numpy as np
+
+    from bitalloc.model import calib
+
+    whole = calib.tokenize(model, CALIB, 2**16)
+    monkeypatch.setattr(calib, "TOKENIZE_CHUNK", 2**16)
+    chunked = calib.tokenize(model, CALIB, 2**16)
+    assert len(whole) > 3 * 2**16 // 8  # several pieces
+    np.testing.assert_array_equal(whole, chunked)

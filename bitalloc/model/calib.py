@@ -36,6 +36,7 @@ CALIB_TOKENS = 32768  # GPTQ-style 64 x 512: enough for stable per-tensor Fisher
 CALIB_SEQLEN = 512
 EVAL_TOKENS = 32768  # the fixed evaluation protocol (docs/eval.md)
 EVAL_SEQLEN = 512
+TOKENIZE_CHUNK = 2**18  # characters per tokenizer call: bounds its memory (about 180 bytes per character at once)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -176,8 +177,42 @@ def tokenize_hashed(model_path: str | Path, text_path: str | Path, max_tokens: O
     tok = load_tokenizer(model_path)
     text = read_text_hashed(text_path, max_tokens)
     with _quiet_transformers():
-        ids = tok(text.text, add_special_tokens=False)["input_ids"]
-    return Tokens(np.asarray(ids, dtype=np.int64), text.sha256)
+        encode = lambda part: np.asarray(tok(part, add_special_tokens=False)["input_ids"], dtype=np.int64)  # noqa: E731
+        pieces = list(text_chunks(text.text, TOKENIZE_CHUNK))
+        if len(pieces) > 1 and not _cuts_cleanly(encode, pieces[0], pieces[1]):
+            pieces = [text.text]  # a prefix-adding tokenizer: one call (its memory is bounded by MAX_TEXT_CHARS)
+        ids = np.concatenate([encode(part) for part in pieces])
+    return Tokens(ids, text.sha256)
+
+
+def _cuts_cleanly(encode, before: str, after: str, margin: int = 256) -> bool:
+    """Whether tokenizing across the cut between two pieces equals tokenizing them separately."""
+    a, b = before[-margin:], after[:margin]
+    return np.array_equal(encode(a + b), np.concatenate([encode(a), encode(b)]))
+
+
+def text_chunks(text: str, size: int) -> Iterator[str]:
+    """``text`` in pieces of about ``size`` characters, each cut at a single newline between two
+    non-space characters.
+
+    Why there: the tokenizer's pre-tokenizer splits text at such a point anyway (the newline is one
+    piece, the word after it another; after a run of newlines, GPT-2-style regexes hold the last one
+    back for the next word, so a cut there would change the pieces), so tokenizing the pieces one by one gives the ids of the whole
+    text (tests check it for the bundled and reference tokenizers) while the tokenizer's memory stays
+    bounded by the piece (it used to take about 450 MiB for 2.5 MB of text in one call). A tokenizer
+    that prepends a marker to every call's first word (SentencePiece's dummy prefix) would differ at
+    the cuts: :func:`tokenize_hashed` checks the first cut and tokenizes such text in one call.
+    Text with no such line is kept whole.
+    """
+    start = 0
+    while len(text) - start > size:
+        cut = start + size
+        while cut < len(text) and not (text[cut - 1] == "\n" and not text[cut - 2].isspace()
+                                       and not text[cut].isspace()):
+            cut += 1
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
 
 
 def tokenize(model_path: str | Path, text_path: str | Path, max_tokens: Optional[int] = None) -> np.ndarray:
