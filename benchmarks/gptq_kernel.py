@@ -8,7 +8,9 @@ Each case quantizes one weight with ``gptq_with_losses_on("torch", ...)`` and ``
 on the same (w, H) and prints one JSON line: the fraction of equal codes, whether scales, zeros
 and losses are equal, the largest |difference| of the dequantized weights, the largest column-
 loss difference relative to the largest loss, and the median wall time of each path (whole call:
-Cholesky, kernel or loop, GEMM updates; ``torch.cuda.synchronize`` around each). The kernel is
+Cholesky, kernel or loop, GEMM updates; ``torch.cuda.synchronize`` around each; the kernel path
+after a compiling call, 3 runs; the launch-bound torch loop, which varies little, 3 runs for a
+shape's first case and once otherwise, unless ``--torch-reps``). The kernel is
 written to be bit-exact (see ``bitalloc/kernels/triton_gptq.py``), so anything but
 ``"exact": true`` is a finding. Data: ``random`` (Gaussian weights and inputs) and
 ``realistic`` (Student-t weights with outlier rows, inputs with heavy-tailed channel scales, a
@@ -105,15 +107,15 @@ def cases(full: bool) -> list[tuple[int, int, str, bool, bool]]:
 
 
 def run_case(shape: tuple[int, int], bits: int, group: int, kind: str, symmetric: bool, act_order: bool,
-             time_torch: bool, seed: int) -> dict[str, object]:
+             torch_reps: int, seed: int) -> dict[str, object]:
     w, h = layer(*shape, kind, seed)
     args = (w, h, bits, group, symmetric, act_order)
-    ref, t_torch = timed(lambda: gptq_with_losses_on("torch", *args), TIMED_REPS if time_torch else 1)
+    ref, t_torch = timed(lambda: gptq_with_losses_on("torch", *args), torch_reps)
     gptq_with_losses_on("triton", *args)  # compiles
     got, t_triton = timed(lambda: gptq_with_losses_on("triton", *args), TIMED_REPS)
     return {"shape": list(shape), "bits": bits, "group": group, "symmetric": symmetric, "act_order": act_order,
             "kind": kind, "dispatch": block_path(w.device, group, act_order), **compare(ref, got),
-            "torch_s": round(t_torch, 4), "torch_timed_reps": TIMED_REPS if time_torch else 1,
+            "torch_s": round(t_torch, 4), "torch_reps": torch_reps,
             "triton_s": round(t_triton, 5), "speedup": round(t_torch / t_triton, 2)}
 
 
@@ -166,6 +168,8 @@ def main() -> None:
     p.add_argument("--full", action="store_true", help="every (bits, group, kind, symmetric, act_order)")
     p.add_argument("--shapes", nargs="*", metavar="OUTxIN", help="only these weight shapes")
     p.add_argument("--no-sweep", action="store_true", help="skip the (rows per program, warps) sweep")
+    p.add_argument("--torch-reps", type=int, default=1, metavar="N",
+                   help="time the torch loop N times per case (default: 3 for a shape's first case, else once)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("error: benchmarks/gptq_kernel.py needs a CUDA GPU")
@@ -178,7 +182,8 @@ def main() -> None:
     rows = []
     for shape in shapes:
         for i, (bits, group, kind, symmetric, act_order) in enumerate(cases(args.full)):
-            row = run_case(shape, bits, group, kind, symmetric, act_order, time_torch=i == 0, seed=len(rows))
+            reps = max(args.torch_reps, TIMED_REPS if i == 0 else 1)  # the first also absorbs warm-up
+            row = run_case(shape, bits, group, kind, symmetric, act_order, reps, seed=len(rows))
             print(json.dumps(row), flush=True)
             rows.append(row)
     sweep_rows = [] if args.no_sweep else sweep(tuple(s for s in SWEEP_SHAPES if s in shapes) or shapes[:1])
