@@ -1,13 +1,15 @@
 """Speed and memory of the calibration pass on synthetic Llama-shaped checkpoints (issue: scale).
 
     python benchmarks/scale.py build OUT --shape 1b            # random bf16 weights, one shard per layer
+    bitalloc scores OUT --calib OUT/calib.txt -o t.safetensors  # the CLI on it (torchrun too)
     python benchmarks/scale.py run OUT --tokens 32768 --device cuda --save table.safetensors
     python benchmarks/scale.py compare a.safetensors b.safetensors
 
 ``build`` writes a checkpoint of the named shape (``SHAPES``; ``--layers`` overrides the depth, so a
 single 70B-shaped layer can be timed), generated layer by layer on the chosen device so that an
 8B- or 70B-shaped model never has to fit in host memory. Weights are N(0, 0.02^2) with unit norms:
-random, but every code path (H, GPTQ, backward, statistics) does its full work on them. ``run``
+random, but every code path (H, GPTQ, backward, statistics) does its full work on them; a word-level
+tokenizer and ``calib.txt`` of random words let the CLI run on it as on a real checkpoint. ``run``
 times :func:`bitalloc.sensitivity.collect.measure_errors` on random token ids (no tokenizer
 needed) with every score family and prints one JSON line: wall time, tokens/s, per-phase timings,
 peak GPU memory, peak host RSS. ``compare`` prints the largest relative difference between two
@@ -75,7 +77,24 @@ def build(out: Path, shape: str, layers: int | None, device: str, seed: int) -> 
             p + "input_layernorm.weight": ones(), p + "post_attention_layernorm.weight": ones()})
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    _tokenizer_and_text(out, v, seed)
     print(json.dumps({"built": str(out), "shape": shape, "layers": cfg["num_hidden_layers"]}))
+
+
+def _tokenizer_and_text(out: Path, vocab: int, seed: int, words: int = 400_000) -> None:
+    """A word-level tokenizer over ``vocab`` made-up words and ``calib.txt`` of random words, so that the
+    CLI (``bitalloc scores``, under torchrun too) runs on the synthetic checkpoint as on a real one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    names = ["<unk>"] + [f"w{i}" for i in range(1, vocab)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(names)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                          "unk_token": "<unk>"}))
+    rng = np.random.default_rng(seed)
+    lines = (" ".join(names[j] for j in row) for row in rng.integers(1, vocab, (words // 16, 16)))
+    (out / "calib.txt").write_text("\n".join(lines) + "\n")
 
 
 def run(model: Path, tokens: int, seqlen: int, device: str, save: Path | None, seed: int) -> None:

@@ -348,6 +348,8 @@ def scores_cmd(
                    f"scores {', '.join(sorted(table.scores))} (default {table.score})")
         times = ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in table.meta.get("timings", {}).items())
         typer.echo(f"timings: {times}")
+        if "peak_device_gib" in table.meta:
+            typer.echo(f"peak GPU memory per process (GiB): {table.meta['peak_device_gib']}")
 
 
 @app.command("quantize")

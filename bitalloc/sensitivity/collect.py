@@ -371,6 +371,8 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
         stream.close()
     timings.update({f"family_{k}_s": v for k, v in res.seconds.items()})
     meta["timings"] = timings
+    if lm.device.type == "cuda":  # per rank: what each GPU of the run needed
+        meta["peak_device_gib"] = [round(g / 2**30, 2) for g in group.gather(torch.cuda.max_memory_allocated(lm.device))]
     table = _check_finite(res.table(DEFAULT_SCORE, meta))
     ckpts.finish()
     return table
