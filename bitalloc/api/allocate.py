@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional, Sequence
@@ -69,7 +70,7 @@ def _measure(ctx: ModelContext, calib: str | Path, calibration: CalibrationConfi
 def allocate(model: str | Path, budget: str | float, calib: Optional[str | Path] = None, *,
              scores: Optional[str | Path | ErrorTable] = None, calibration: Optional[CalibrationConfig] = None,
              solve: Optional[SolveConfig] = None, save_scores: Optional[str | Path] = None,
-             track: Tracker = SILENT) -> Plan:
+             imatrix: Optional[str | Path] = None, track: Tracker = SILENT) -> Plan:
     """Choose bits for every tensor of ``model`` so that the total meets ``budget`` exactly.
 
     Args:
@@ -80,11 +81,15 @@ def allocate(model: str | Path, budget: str | float, calib: Optional[str | Path]
         calibration: how the calibration pass runs (tokens, seqlen, seed, device, include flags, candidates).
         solve: solver, score, granularity, constraints, time table/budget, time limit (see :class:`SolveConfig`).
         save_scores: where to save the error table computed from ``calib``.
+        imatrix: where to write llama.cpp's importance matrix from the calibration pass (``--target
+            llamacpp``; the plan then predicts the errors of ``llama-quantize --imatrix`` with it).
     Returns:
-        The validated :class:`Plan`; nothing is written unless ``save_scores`` is set.
+        The validated :class:`Plan`; nothing is written unless ``save_scores`` or ``imatrix`` is set.
     """
     t_start = time.perf_counter()
     calibration, solve = calibration or CalibrationConfig(), solve or SolveConfig()
+    if imatrix is not None and not calibration.imatrix:
+        calibration = replace(calibration, imatrix=True)
     ctx = ModelContext.build(model, calibration, solve)
     parsed = parse_budget(budget)
     problem = ctx.problem(parsed)  # an unreachable budget fails before the (long) calibration pass
@@ -95,6 +100,10 @@ def allocate(model: str | Path, budget: str | float, calib: Optional[str | Path]
         timings["sensitivity_s"] = time.perf_counter() - t0
         if save_scores is not None:
             table.save(save_scores)
+    if imatrix is not None:
+        from .imatrix import write_imatrix
+
+        write_imatrix(table, ctx.ckpt.path, imatrix)
     plan = _solve(ctx, problem, table, parsed, calibration.seed, track)
     return plan.model_copy(update={"timings": {**timings, "solve_s": plan.solver.seconds,
                                                "total_s": time.perf_counter() - t_start}})
