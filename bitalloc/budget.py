@@ -10,6 +10,10 @@ group packed at the code width: ``rows * ceil(cols / g) * (16 + bits)`` overhead
 g = 128; symmetric ``bits + 16 / g``). A budget in bpp is the total over all counted (unlocked)
 tensors divided by their parameter count; a byte budget is the total size of those tensors once
 quantized. (Plans of version 1 priced a 16-bit zero for every group; ``plan.Plan.load`` re-prices them.)
+
+Plans for llama.cpp (layout ``gguf``) are priced in ggml types instead (:data:`GGML_TYPES`): a row of
+``cols`` weights is stored in ``cols / block_size`` blocks of ``type_size`` bytes each, scales included,
+which is what llama.cpp's size and bits-per-weight figures count.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from .errors import BudgetError
 
 SCALE_BITS = 16  # one fp16/bf16 scale per group
 STORAGE_LAYOUT = "compressed-tensors"  # what the formula below prices; recorded in every plan
+GGUF_LAYOUT = "gguf"  # plans for llama.cpp: ggml types, budgets in GGUF file bytes
 
 _BYTE_UNITS = {
     "b": 1,
@@ -49,6 +54,51 @@ def tensor_bits(rows, cols, bits: int, group_size: int, symmetric: bool = False)
     """
     groups = rows * -(-cols // group_size)
     return rows * cols * bits + groups * (SCALE_BITS + (0 if symmetric else bits))
+
+
+@dataclass(frozen=True)
+class GgmlType:
+    """One ggml tensor type: ``block_size`` consecutive weights of a row are stored in ``type_size`` bytes."""
+
+    name: str
+    type_id: int  # the ggml_type enum value that GGUF files store
+    block_size: int
+    type_size: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Storage per weight, scales included: what llama.cpp's size and bpw figures count."""
+        return 8 * self.type_size / self.block_size
+
+
+GGML_TYPES: dict[str, GgmlType] = {t.name: t for t in (
+    GgmlType("F32", 0, 1, 4),
+    GgmlType("F16", 1, 1, 2),
+    GgmlType("BF16", 30, 1, 2),
+    GgmlType("Q4_0", 2, 32, 18),
+    GgmlType("Q8_0", 8, 32, 34),
+    GgmlType("Q2_K", 10, 256, 84),
+    GgmlType("Q3_K", 11, 256, 110),
+    GgmlType("Q4_K", 12, 256, 144),
+    GgmlType("Q5_K", 13, 256, 176),
+    GgmlType("Q6_K", 14, 256, 210),
+)}
+
+
+def ggml_bits(rows, cols, qtype: str):
+    """Exact storage of [rows, cols] tensors as the ggml type ``qtype``, in bits (ints or integer arrays).
+
+    A row that is not a whole number of blocks cannot be stored as ``qtype`` (llama-quantize would fall
+    back to another type); it is priced here as if padded to whole blocks, and refused where candidates
+    are allowed (:func:`ggml_row_allowed`).
+    """
+    t = GGML_TYPES[qtype]
+    return rows * -(-cols // t.block_size) * t.type_size * 8
+
+
+def ggml_row_allowed(qtype: str, cols: int) -> bool:
+    """Whether rows of ``cols`` weights can be stored as ``qtype`` (blocks never straddle rows)."""
+    return cols > 0 and cols % GGML_TYPES[qtype].block_size == 0
 
 
 def nominal_bpp(bits: int, group_size: int, symmetric: bool = False) -> float:

@@ -141,30 +141,39 @@ def _options(target: str, options: tuple[_Option, ...], build: Callable[..., Any
 
 def _calibration_options(only: Optional[tuple[str, ...]] = None) -> Callable[[Callable], Callable]:
     """The calibration options (``only`` these, when given; the others keep their defaults)."""
-    from .api.config import CalibrationConfig, candidates_text, parse_candidates
+    from .api.config import TARGETS, CalibrationConfig, candidates_text, parse_candidates
 
     d = CalibrationConfig()
 
-    def build(candidates: str = candidates_text(d.candidates), calib_tokens: int = d.tokens, seqlen: int = d.seqlen,
-              seed: int = d.seed, include_lm_head: bool = d.include_lm_head,
-              include_embeddings: bool = d.include_embeddings, device: str = d.device,
-              workdir: Optional[Path] = None, rounding: str = d.rounding, resume: bool = d.resume) -> CalibrationConfig:
+    def build(candidates: Optional[str] = None, calib_tokens: int = d.tokens, seqlen: int = d.seqlen,
+              seed: int = d.seed, include_lm_head: Optional[bool] = None,
+              include_embeddings: Optional[bool] = None, device: str = d.device,
+              workdir: Optional[Path] = None, rounding: str = d.rounding, target: str = d.target,
+              resume: bool = d.resume) -> CalibrationConfig:
         return CalibrationConfig(tokens=calib_tokens, seqlen=seqlen, seed=seed, device=device,
                                  include_lm_head=include_lm_head, include_embeddings=include_embeddings,
-                                 candidates=tuple(parse_candidates(candidates)),
-                                 workdir=None if workdir is None else str(workdir), rounding=rounding, resume=resume)
+                                 candidates=None if candidates is None else tuple(parse_candidates(candidates)),
+                                 workdir=None if workdir is None else str(workdir), rounding=rounding, target=target,
+                                 resume=resume)
 
     opt = typer.Option
     options = (
-        _Option("candidates", Annotated[str, opt(help="Bit widths, optionally with group: '2,3,4,8' or '2g64,4g128' "
-                                                      "(default group 128).")], candidates_text(d.candidates)),
+        _Option("target", Annotated[str, opt(help="What the plan is for: compressed-tensors (bits + groups) or llamacpp "
+                                                  "(ggml types, budgets in GGUF file bytes or llama.cpp's bpw; README "
+                                                  "'llama.cpp').")], d.target),
+        _Option("candidates", Annotated[Optional[str], opt(
+            help="Bit widths, optionally with group: '2,3,4,8' or '2g64,4g128' (default group 128); with --target "
+                 "llamacpp ggml types. Default: "
+                 + "; ".join(f"{t} {candidates_text(c)}" for t, c in TARGETS.items()) + ".")], None),
         _Option("calib_tokens", Annotated[int, opt(help="Calibration tokens (windows of --seqlen).")], d.tokens),
         _Option("seqlen", Annotated[int, opt(help="Calibration window length in tokens.")], d.seqlen),
         _Option("seed", Annotated[int, opt(help="Seed for calibration window sampling and the solver.")], d.seed),
-        _Option("include_lm_head", Annotated[bool, opt(help="Quantize lm_head too (locked by default).")],
-                d.include_lm_head),
-        _Option("include_embeddings", Annotated[bool, opt(help="Quantize the token embedding too (locked by default).")],
-                d.include_embeddings),
+        _Option("include_lm_head", Annotated[Optional[bool], opt(
+            "--include-lm-head/--no-include-lm-head",
+            help="Quantize lm_head too (default: locked; quantized with --target llamacpp).")], None),
+        _Option("include_embeddings", Annotated[Optional[bool], opt(
+            "--include-embeddings/--no-include-embeddings",
+            help="Quantize the token embedding too (default: locked; quantized with --target llamacpp).")], None),
         _Option("device", Annotated[str, opt(help="'cpu', 'cuda', 'cuda:N' or 'auto'.")], d.device),
         _Option("workdir", Annotated[Optional[Path], opt(help="Directory in which the run's work directory "
                                                               "(activation stores, removed at the end) is made; "
@@ -235,6 +244,10 @@ Calib = Annotated[Optional[Path], typer.Option("--calib", help="Calibration text
 Scores = Annotated[Optional[Path], typer.Option("--scores", help="Re-solve from a saved error table instead of "
                                                                   "calibrating.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")]
+Imatrix = Annotated[Optional[Path], typer.Option("--imatrix", help="Write llama.cpp's importance matrix (GGUF) from "
+                                                                   "the calibration pass, for `llama-quantize "
+                                                                   "--imatrix`; the errors predicted are then "
+                                                                   "those of quantizing with it (--target llamacpp).")]
 # ``ctx.params`` holds every option as given, also those an options decorator turned into a config:
 # ``--time-table`` becomes a mapping in SolveConfig, but its file is still an input the output policy protects.
 
@@ -253,6 +266,7 @@ def allocate_cmd(
     scores: Scores = None,
     save_scores: Annotated[Optional[Path], typer.Option("--save-scores", help="Save the computed error table "
                                                                               "here.")] = None,
+    imatrix: Imatrix = None,
     quiet: Quiet = False,
     *, calibration, solve,
 ) -> None:
@@ -263,17 +277,17 @@ def allocate_cmd(
 
     inputs = Inputs.of({"the --calib text": calib, "the --scores file": scores,
                         "the --time-table file": ctx.params["time_table"]}, models=[model])
-    check_output_files(inputs, output, save_scores)
+    check_output_files(inputs, output, save_scores, imatrix)
     quiet = quiet or not writes_outputs()
     with tracker(quiet) as track:
         plan = allocate(model, budget, calib, scores=scores, calibration=calibration, solve=solve,
-                        save_scores=save_scores, track=track)
+                        save_scores=save_scores, imatrix=imatrix, track=track)
     if not writes_outputs():  # another torchrun rank: its share is done, rank 0 writes
         return
     plan.save(output)
     if not quiet:
         typer.echo(plan.summary())
-        typer.echo(f"\nwrote {output}" + (f" and {save_scores}" if save_scores else ""))
+        typer.echo(f"\nwrote {output}" + "".join(f" and {p}" for p in (save_scores, imatrix) if p))
 
 
 @app.command("frontier")
@@ -328,21 +342,28 @@ def scores_cmd(
     model: ModelArg,
     calib: Annotated[Path, typer.Option("--calib", help="Calibration text.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the error table (.safetensors).")],
+    imatrix: Imatrix = None,
     quiet: Quiet = False,
     *, calibration,
 ) -> None:
     """Compute and save the error table only; `allocate --scores` re-solves any budget from it."""
-    from .api import compute_scores, writes_outputs
-    from .api.outputs import Inputs, check_output_file
+    from dataclasses import replace
+
+    from .api import compute_scores, write_imatrix, writes_outputs
+    from .api.outputs import Inputs, check_output_files
     from .progress import tracker
 
-    check_output_file(output, Inputs.of({"the --calib text": calib}, models=[model]))
+    check_output_files(Inputs.of({"the --calib text": calib}, models=[model]), output, imatrix)
+    if imatrix is not None:
+        calibration = replace(calibration, imatrix=True)
     quiet = quiet or not writes_outputs()
     with tracker(quiet) as track:
         table = compute_scores(model, calib, calibration, track)
     if not writes_outputs():  # another torchrun rank: its share is done, rank 0 writes
         return
     table.save(output)
+    if imatrix is not None:
+        write_imatrix(table, model, imatrix)
     if not quiet:
         typer.echo(f"wrote {output}: {len(table.tensors)} tensors x {len(table.candidates)} candidates; "
                    f"scores {', '.join(sorted(table.scores))} (default {table.score})")
@@ -437,18 +458,30 @@ def export_cmd(
     to: Annotated[str, typer.Option("--to", help="gptqmodel | compressed-tensors | llmcompressor-recipe | llamacpp | "
                                                  "autoround | torchao.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="File to write.")],
+    input_gguf: Annotated[Optional[str], typer.Option("--input-gguf", help="llamacpp: the f16 GGUF to quantize, for "
+                                                                           "the printed command.")] = None,
+    output_gguf: Annotated[Optional[str], typer.Option("--output-gguf", help="llamacpp: the GGUF to write, for the "
+                                                                             "printed command.")] = None,
+    imatrix: Annotated[Optional[str], typer.Option("--imatrix", help="llamacpp: the importance matrix the plan was "
+                                                                     "made with (allocate --imatrix).")] = None,
 ) -> None:
-    """Write the plan as another quantizer's config (README: 'Use your plan with ...')."""
+    """Write the plan as another quantizer's config (README: 'Use your plan with ...'); for llamacpp, also
+    print the llama-quantize command that applies it."""
     from .api.outputs import Inputs, check_output_file
-    from .export import export_plan
+    from .export import export_plan, llamacpp_command
     from .plan import Plan, atomic_write_text
 
+    if to != "llamacpp" and (input_gguf or output_gguf or imatrix):
+        raise BitallocError("--input-gguf, --output-gguf and --imatrix are for --to llamacpp")
     check_output_file(output, Inputs.of({"the plan": plan}))
-    text, notes = export_plan(Plan.load(plan), to)
+    loaded = Plan.load(plan)
+    text, notes = export_plan(loaded, to)
     atomic_write_text(output, text)
     for n in notes:
         typer.echo(f"note: {n}", err=True)
     typer.echo(f"wrote {output}")
+    if to == "llamacpp":
+        typer.echo(llamacpp_command(loaded, str(output), input_gguf, output_gguf, imatrix))
 
 
 @app.command("import")

@@ -23,7 +23,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .budget import STORAGE_LAYOUT, nominal_bpp, tensor_bits
+from .budget import GGML_TYPES, GGUF_LAYOUT, STORAGE_LAYOUT, ggml_bits, nominal_bpp, tensor_bits
 from .errors import BitallocError, OutputError, PlanError
 
 PLAN_FORMAT = "bitalloc.plan"
@@ -40,23 +40,60 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# ggml types a llama.cpp plan may choose: (nominal code width, symmetric). bits, group and symmetric of a
+# ggml candidate follow from its type, so constraints on bits (--min-bits, pins) read the same for both layouts.
+GGML_CODES: dict[str, tuple[int, bool]] = {"Q2_K": (2, False), "Q3_K": (3, True), "Q4_K": (4, False),
+                                           "Q5_K": (5, False), "Q6_K": (6, True), "Q8_0": (8, True)}
+
+
 class Candidate(_Strict):
-    """One quantization choice: integer codes of ``bits`` with a 16-bit scale and a zero point per group."""
+    """One quantization choice: integer codes of ``bits`` with a 16-bit scale and a zero point per group,
+    or, with ``ggml`` set (plans for llama.cpp), that ggml type exactly as llama-quantize stores it."""
 
     bits: int = Field(ge=1, le=8)
     group_size: int = Field(gt=0)
     symmetric: bool = False
+    ggml: Optional[str] = None  # a ggml type name (Q4_K ...): priced and predicted as that type
+
+    @model_validator(mode="after")
+    def _check_ggml(self) -> "Candidate":
+        if self.ggml is not None:
+            expected = ggml_candidate(self.ggml)
+            if (self.bits, self.group_size, self.symmetric) != (expected.bits, expected.group_size, expected.symmetric):
+                raise ValueError(f"{self.ggml} stores {expected.bits}-bit codes in blocks of {expected.group_size}; "
+                                 f"got bits={self.bits} group_size={self.group_size} symmetric={self.symmetric}")
+        return self
 
     @property
     def id(self) -> str:
+        if self.ggml is not None:
+            return self.ggml
         return f"b{self.bits}g{self.group_size}{'s' if self.symmetric else ''}"
 
     @property
     def bpp(self) -> float:
+        if self.ggml is not None:
+            return GGML_TYPES[self.ggml].bits_per_weight
         return nominal_bpp(self.bits, self.group_size, self.symmetric)
+
+    def storage_bits(self, rows, cols):
+        """Exact storage of [rows, cols] tensors with this choice, in bits (ints or integer numpy arrays)."""
+        if self.ggml is not None:
+            return ggml_bits(rows, cols, self.ggml)
+        return tensor_bits(rows, cols, self.bits, self.group_size, self.symmetric)
+
+
+def ggml_candidate(name: str) -> Candidate:
+    """The candidate for the ggml type ``name`` (``Q4_K``; case-insensitive); unknown names raise ValueError."""
+    key = name.strip().upper()
+    if key not in GGML_CODES:
+        raise ValueError(f"unknown ggml type {name!r}: use one of {', '.join(GGML_CODES)}")
+    bits, symmetric = GGML_CODES[key]
+    return Candidate.model_construct(bits=bits, group_size=GGML_TYPES[key].block_size, symmetric=symmetric, ggml=key)
 
 
 DEFAULT_CANDIDATES: tuple[Candidate, ...] = tuple(Candidate(bits=b, group_size=128) for b in (2, 3, 4, 8))
+GGML_CANDIDATES: tuple[Candidate, ...] = tuple(ggml_candidate(t) for t in GGML_CODES)  # --target llamacpp
 
 
 class Role(str, Enum):
@@ -117,6 +154,7 @@ class Entry(_Strict):
     bits: int
     group_size: Optional[int] = None
     symmetric: bool = False
+    ggml: Optional[str] = None  # plans for llama.cpp (layout gguf): the ggml type llama-quantize writes
     bpp: float  # this tensor's own bits per parameter, overhead included
     predicted_error: dict[str, float] = Field(default_factory=dict)  # candidate id -> predicted loss increase (nats)
     locked: bool = False
@@ -130,7 +168,7 @@ class Entry(_Strict):
     def candidate(self) -> Optional[Candidate]:
         if self.locked:
             return None
-        return Candidate(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
+        return Candidate(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, ggml=self.ggml)
 
     @property
     def storage_bits(self) -> int:
@@ -139,7 +177,7 @@ class Entry(_Strict):
         rows, cols = _as_matrix(self.shape)
         if self.segments:
             return sum(tensor_bits(rows, g.stop - g.start, g.bits, g.group_size, g.symmetric) for g in self.segments)
-        return tensor_bits(rows, cols, self.bits, self.group_size, self.symmetric)
+        return self.candidate.storage_bits(rows, cols)
 
     def column_choices(self) -> list[tuple[int, int, Candidate]]:
         """(start, stop, candidate) runs over the input columns: one run unless segmented."""
@@ -152,7 +190,7 @@ class TieGroup(_Strict):
     """Tensors that must share one choice because serving engines fuse them (qkv, gate_up)."""
 
     id: str
-    kind: Literal["qkv", "gate_up"]
+    kind: Literal["qkv", "gate_up", "experts"]  # experts: one GGUF tensor holds a layer's experts of one projection
     members: list[str]
 
 
@@ -171,6 +209,9 @@ class BudgetInfo(_Strict):
     achieved_bytes: int  # bytes of the counted tensors once quantized
     counted_params: int
     total_bytes: int  # whole listed model: counted tensors quantized + locked tensors at 16 bit
+    # layout gguf: the predicted size of the GGUF file llama-quantize writes (metadata, tokenizer and
+    # unquantized tensors included); a byte budget bounds this, not achieved_bytes
+    file_bytes: Optional[int] = None
 
 
 class SolverInfo(_Strict):
@@ -214,7 +255,7 @@ class ScoresInfo(_Strict):
 class Plan(_Strict):
     format: Literal["bitalloc.plan"] = PLAN_FORMAT
     version: Literal[2] = PLAN_VERSION
-    layout: Literal["compressed-tensors"] = STORAGE_LAYOUT  # the storage that budgets and bpp count
+    layout: Literal["compressed-tensors", "gguf"] = STORAGE_LAYOUT  # the storage that budgets and bpp count
     tool: str
     created: str
     model: ModelInfo
@@ -236,6 +277,10 @@ class Plan(_Strict):
         if dup:
             raise ValueError(f"tensor {dup[0]!r} is listed more than once")
         cands = {c.id for c in self.candidates}
+        ggml = {c.ggml is not None for c in self.candidates}
+        if ggml != {self.layout == GGUF_LAYOUT}:
+            raise ValueError(f"a {self.layout} plan's candidates must all be "
+                             + ("ggml types" if self.layout == GGUF_LAYOUT else "bits and groups (no ggml type)"))
         by_name = {e.tensor: e for e in self.entries}
         for e in self.entries:
             if not e.shape or min(e.shape) < 1:
@@ -319,7 +364,9 @@ class Plan(_Strict):
         lines = [
             f"model      {self.model.path} ({self.model.arch})",
             f"budget     target {b.target} -> achieved {b.achieved_bpp:.4f} bpp over {b.counted_params:,} params "
-            f"({b.achieved_bytes / 1e6:.2f} MB quantized; {b.total_bytes / 1e6:.2f} MB with locked tensors at 16 bit)",
+            f"({b.achieved_bytes / 1e6:.2f} MB quantized; "
+            + (f"predicted GGUF file {b.file_bytes / 1e6:.3f} MB)" if b.file_bytes is not None
+               else f"{b.total_bytes / 1e6:.2f} MB with locked tensors at 16 bit)"),
             f"solver     {self.solver.name}: {self.solver.status}, predicted loss increase "
             + (f"{self.solver.objective:.5f} nats" if any(e.predicted_error for e in counted) else "n/a (no error table)")
             + (f", gap {self.solver.gap:.2e}" if self.solver.gap is not None else "")

@@ -3,7 +3,7 @@
 Units tied together (q/k/v, gate/up) are collapsed into one *group* that takes a single
 choice; a group's cost and storage are the sums over its members, and a candidate is allowed
 for the group only if every member allows it (pins, bit bounds). Storage is exact integer
-bits (``budget.tensor_bits``: codes + scale + zero point per group of columns), so the budget constraint is met to
+bits (``Candidate.storage_bits``: codes + scale + zero point per group of columns, or ggml blocks), so the budget constraint is met to
 the bit. An optional second resource (e.g. kernel time per candidate) adds one more knapsack
 constraint.
 """
@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..budget import Budget, tensor_bits
+from ..budget import Budget
 from ..errors import BudgetError, ConstraintError
 from ..plan import Candidate
 
@@ -145,7 +145,7 @@ def build_problem(unit_names: Sequence[str], shapes: Sequence[Sequence[int]], er
     cols = np.array([int(s[-1]) for s in shapes], dtype=np.int64)
     numel = rows * cols
     C = len(cands)
-    unit_bits = np.stack([tensor_bits(rows, cols, c.bits, c.group_size, c.symmetric) for c in cands], axis=1) if len(shapes) else \
+    unit_bits = np.stack([c.storage_bits(rows, cols) for c in cands], axis=1) if len(shapes) else \
         np.zeros((0, C), np.int64)
     bits = np.stack([unit_bits[m].sum(0) for m in members]) if members else np.zeros((0, C), np.int64)
     ok = np.stack([unit_allowed[m].all(0) for m in members]) if members else np.zeros((0, C), bool)

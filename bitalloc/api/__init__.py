@@ -20,7 +20,7 @@ load_scores = ErrorTable.load  # a saved error table, validated
 # ``import bitalloc.api`` stays light (the re-solve path never imports torch)
 _LAZY = {"evaluate": "evaluation", "import_config": "importer", "quantize": "quantization", "load_quantized": "quantization",
          "evaluate_quantized": "quantization", "is_quantized_checkpoint": "quantization",
-         "RoundingConfig": "quantization"}
+         "RoundingConfig": "quantization", "write_imatrix": "imatrix"}
 
 __all__ = ["CalibrationConfig", "Constraints", "FrontierPoint", "ModelContext", "SolveConfig", "allocate", "budgets",
            "build_plan", "compute_scores", "frontier", "load_scores", "writes_outputs", *sorted(_LAZY)]

@@ -18,6 +18,7 @@ import os
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional, Sequence
@@ -26,7 +27,7 @@ from .. import __version__
 from ..allocator import Assignment, Problem, solve as run_solver
 from ..allocator.frontier import FrontierPoint, sweep
 from ..allocator.units import segments_of
-from ..budget import Budget, parse_budget
+from ..budget import GGUF_LAYOUT, STORAGE_LAYOUT, Budget, parse_budget
 from ..errors import BitallocError, ScoresError
 from ..model.calib import EVAL_TOKENS
 from ..plan import (LOCKED_BITS, BudgetInfo, CalibrationInfo, Candidate, ConstraintsInfo, Entry, ModelInfo, Plan,
@@ -75,6 +76,7 @@ def _measure(ctx: ModelContext, calib: str | Path, calibration: CalibrationConfi
         table = measure_errors(ctx.ckpt, ctx.inv, windows, list(calibration.candidates), device=device,
                                track=track, workdir=workdir, seed=calibration.seed, with_combined=with_combined,
                                rounding=RoundingConfig() if calibration.rounding == "gptq" else None,
+                               imatrix=calibration.imatrix,
                                resume=(calibration.workdir or tempfile.gettempdir()) if calibration.resume else None)
     table.meta["calibration"] = {"file": str(calib), "sha256": tokens.sha256, "tokens": int(windows.numel()),
                                  "seqlen": calibration.seqlen, "seed": calibration.seed}
@@ -84,7 +86,7 @@ def _measure(ctx: ModelContext, calib: str | Path, calibration: CalibrationConfi
 def allocate(model: str | Path, budget: str | float, calib: Optional[str | Path] = None, *,
              scores: Optional[str | Path | ErrorTable] = None, calibration: Optional[CalibrationConfig] = None,
              solve: Optional[SolveConfig] = None, save_scores: Optional[str | Path] = None,
-             track: Tracker = SILENT) -> Plan:
+             imatrix: Optional[str | Path] = None, track: Tracker = SILENT) -> Plan:
     """Choose bits for every tensor of ``model`` so that the total meets ``budget`` exactly.
 
     Args:
@@ -95,11 +97,15 @@ def allocate(model: str | Path, budget: str | float, calib: Optional[str | Path]
         calibration: how the calibration pass runs (tokens, seqlen, seed, device, include flags, candidates).
         solve: solver, score, granularity, constraints, time table/budget, time limit (see :class:`SolveConfig`).
         save_scores: where to save the error table computed from ``calib``.
+        imatrix: where to write llama.cpp's importance matrix from the calibration pass (``--target
+            llamacpp``; the plan then predicts the errors of ``llama-quantize --imatrix`` with it).
     Returns:
-        The validated :class:`Plan`; nothing is written unless ``save_scores`` is set.
+        The validated :class:`Plan`; nothing is written unless ``save_scores`` or ``imatrix`` is set.
     """
     t_start = time.perf_counter()
     calibration, solve = calibration or CalibrationConfig(), solve or SolveConfig()
+    if imatrix is not None and not calibration.imatrix:
+        calibration = replace(calibration, imatrix=True)
     ctx = ModelContext.build(model, calibration, solve)
     parsed = parse_budget(budget)
     problem = ctx.problem(parsed)  # an unreachable budget fails before the (long) calibration pass
@@ -110,6 +116,10 @@ def allocate(model: str | Path, budget: str | float, calib: Optional[str | Path]
         timings["sensitivity_s"] = time.perf_counter() - t0
         if save_scores is not None and writes_outputs():
             table.save(save_scores)
+    if imatrix is not None and writes_outputs():
+        from .imatrix import write_imatrix
+
+        write_imatrix(table, ctx.ckpt.path, imatrix)
     plan = _solve(ctx, problem, table, parsed, calibration.seed, track)
     return plan.model_copy(update={"timings": {**timings, "solve_s": plan.solver.seconds,
                                                "total_s": time.perf_counter() - t_start}})
@@ -125,6 +135,11 @@ def _table(ctx: ModelContext, calib: Optional[str | Path], scores: Optional[str 
         if made_for != calibration.rounding:
             raise ScoresError(f"the score file predicts {made_for.upper()}'s errors, not {calibration.rounding.upper()}'s; "
                               f"use --rounding {made_for} or recompute with --calib")
+        if bool(table.meta.get("imatrix")) != calibration.imatrix:
+            raise ScoresError("the score file predicts llama-quantize's errors "
+                              + ("with" if table.meta.get("imatrix") else "without")
+                              + " an importance matrix; " + ("drop --imatrix" if not calibration.imatrix else
+                                                              "recompute with --calib --imatrix FILE"))
         if calib is not None:  # both given: the table must come from this calibration text
             from ..model.calib import file_sha256
 
@@ -174,6 +189,9 @@ def build_plan(ctx: ModelContext, problem: Problem, assignment: Assignment, tabl
     du = ctx.units
     choices = problem.unit_choices(assignment.choice)
     owner_of = {u.tensor: i for i, u in enumerate(inv.quantized)}
+    first_unit: dict[int, int] = {}
+    for n, owner in enumerate(du.owner):
+        first_unit.setdefault(owner, n)
     entries = []
     for u in inv.units:
         common = dict(tensor=u.tensor, module=u.module, shape=list(u.shape), numel=u.numel, layer=u.layer,
@@ -182,30 +200,38 @@ def build_plan(ctx: ModelContext, problem: Problem, assignment: Assignment, tabl
             entries.append(Entry(**common, bits=LOCKED_BITS, bpp=float(LOCKED_BITS), locked=True, reason=u.reason))
             continue
         segments = segments_of(du, owner_of[u.tensor], choices, problem.candidates)
-        widest = max(segments, key=lambda g: (g.bits, g.group_size))
-        c = Candidate(bits=widest.bits, group_size=widest.group_size, symmetric=widest.symmetric)
+        if len(segments) == 1:  # the tensor's one choice, ggml type included
+            c = problem.candidates[choices[first_unit[owner_of[u.tensor]]]]
+        else:
+            widest = max(segments, key=lambda g: (g.bits, g.group_size))
+            c = Candidate(bits=widest.bits, group_size=widest.group_size, symmetric=widest.symmetric)
         pred = {}
         if table.has(u.tensor):
             r = table.row(u.tensor)
             pred = {cand.id: float(table.errors[r, table.column(cand)]) for cand in problem.candidates}
         pin = constraints.pin_for(u.tensor, ctx.aliases.get(u.tensor, ()))
-        e = Entry(**common, bits=c.bits, group_size=c.group_size, symmetric=c.symmetric, bpp=0.0, predicted_error=pred,
+        e = Entry(**common, bits=c.bits, group_size=c.group_size, symmetric=c.symmetric, ggml=c.ggml, bpp=0.0,
+                  predicted_error=pred,
                   reason=f"pinned by '{pin.text}'" if pin else None, segments=segments if len(segments) > 1 else None)
         entries.append(e.model_copy(update={"bpp": e.storage_bits / e.numel}))
     counted_bits = problem.total_bits(assignment.choice)
     locked_bits = sum(e.storage_bits for e in entries if e.locked)
     cal = table.meta.get("calibration")
     ckpt = ctx.ckpt
+    file_bytes = ctx.gguf.file_bytes({e.tensor: e.storage_bits for e in entries if not e.locked}) \
+        if ctx.is_gguf else None
     return Plan(
+        layout=GGUF_LAYOUT if ctx.is_gguf else STORAGE_LAYOUT,
         tool=f"bitalloc {__version__}",
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         model=ModelInfo(path=str(ckpt.path), arch=ckpt.arch, config_sha256=ckpt.config_sha256,
                         index_sha256=ckpt.index_sha256),
         budget=BudgetInfo(target=budget.text, unit=budget.unit, target_bits=problem.budget_bits,
                           achieved_bpp=counted_bits / problem.counted_params, achieved_bytes=(counted_bits + 7) // 8,
-                          counted_params=problem.counted_params, total_bytes=(counted_bits + locked_bits + 7) // 8),
+                          counted_params=problem.counted_params, total_bytes=(counted_bits + locked_bits + 7) // 8,
+                          file_bytes=file_bytes),
         candidates=list(problem.candidates),
-        tie_groups=inv.tie_groups,
+        tie_groups=ctx.tie_groups,
         entries=entries,
         solver=SolverInfo(name=assignment.solver, status=assignment.status, objective=assignment.objective,
                           bound=assignment.bound, gap=assignment.gap, seconds=assignment.seconds,

@@ -19,19 +19,26 @@ from ..allocator.ilp import DEFAULT_TIME_LIMIT_S
 from ..allocator.units import GRANULARITIES
 from ..errors import BitallocError, CalibrationError, ConstraintError
 from ..model.calib import CALIB_SEQLEN, CALIB_TOKENS
-from ..plan import DEFAULT_CANDIDATES, SLAB_WIDTH, Candidate
+from ..plan import DEFAULT_CANDIDATES, GGML_CANDIDATES, GGML_CODES, SLAB_WIDTH, Candidate, ggml_candidate
 from ..sensitivity.table import DEFAULT_SCORE
 
 
 ROUNDINGS = ("rtn", "gptq")  # the weight errors a table can predict (docs/sensitivity.md, rounding-aware plans)
+# What the plan is for: a compressed-tensors checkpoint (bits + groups) or llama.cpp (ggml types, GGUF bytes;
+# token embedding and output quantized by default, as llama-quantize does). Each target's default candidates:
+TARGETS: dict[str, tuple[Candidate, ...]] = {"compressed-tensors": DEFAULT_CANDIDATES, "llamacpp": GGML_CANDIDATES}
 
 
 @dataclass(frozen=True)
 class CalibrationConfig:
     """How the calibration pass runs: ``tokens`` in windows of ``seqlen`` sampled with ``seed``.
 
-    ``include_lm_head`` / ``include_embeddings`` unlock those tensors (locked at 16 bit by default);
-    ``candidates`` are the (bits, group) choices the table prices. ``rounding`` says whose weight error
+    ``target`` is what the plan is for (:data:`TARGETS`): ``llamacpp`` prices ggml types in GGUF bytes and
+    predicts each type's error with llama.cpp's own quantizer. ``include_lm_head`` / ``include_embeddings``
+    unlock those tensors (None: the target's default, locked for compressed-tensors, quantized for llama.cpp);
+    ``candidates`` are the (bits, group) choices, or ggml types, the table prices (None: the target's).
+    ``imatrix``: the errors are those of llama-quantize run with this pass's importance matrix
+    (``--imatrix``; llamacpp only). ``rounding`` says whose weight error
     the table predicts: RTN's, or GPTQ's under each unit's H with the default ``RoundingConfig`` (a plan
     made for ``bitalloc quantize --method gptq``). ``workdir`` is where the run's work
     directory (memory-mapped activations, removed when the run ends however it ends) is made; None: $TMPDIR.
@@ -44,14 +51,34 @@ class CalibrationConfig:
     seqlen: int = CALIB_SEQLEN
     seed: int = 0
     device: str = "auto"
-    include_lm_head: bool = False
-    include_embeddings: bool = False
-    candidates: tuple[Candidate, ...] = DEFAULT_CANDIDATES
+    include_lm_head: Optional[bool] = None
+    include_embeddings: Optional[bool] = None
+    candidates: Optional[tuple[Candidate, ...]] = None
     workdir: Optional[str] = None
     rounding: str = "rtn"  # whose weight error the table predicts: rtn, or gptq (rounding-aware plans)
+    target: str = "compressed-tensors"
+    imatrix: bool = False
     resume: bool = False
 
     def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise BitallocError(f"unknown --target {self.target!r}; choose one of {', '.join(TARGETS)}")
+        llamacpp = self.target == "llamacpp"
+        # None means "the target's default"; resolved once here so every reader sees plain values
+        for name, value in (("include_lm_head", llamacpp), ("include_embeddings", llamacpp),
+                            ("candidates", TARGETS[self.target])):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        object.__setattr__(self, "candidates", tuple(self.candidates))
+        if any((c.ggml is not None) != llamacpp for c in self.candidates):
+            raise BitallocError(f"--candidates {candidates_text(self.candidates)!r} do not suit --target {self.target}: "
+                                + (f"give ggml types ({','.join(GGML_CODES)})" if llamacpp
+                                   else "ggml types need --target llamacpp"))
+        if self.imatrix and not llamacpp:
+            raise BitallocError("an importance matrix (--imatrix) is for llama.cpp: add --target llamacpp")
+        if llamacpp and self.rounding != "rtn":
+            raise BitallocError(f"--rounding {self.rounding} does not apply to --target llamacpp: llama-quantize "
+                                "rounds with its own quantizers, whose errors the table predicts")
         # Refused here, before any file is opened: each of these used to be silently replaced or crash hours in.
         check_count(self.seqlen, "--seqlen", "calibration window length in tokens")
         check_count(self.tokens, "--calib-tokens", "number of calibration tokens")
@@ -67,7 +94,8 @@ class CalibrationConfig:
         if not self.candidates:
             raise BitallocError("no candidates: give at least one, e.g. --candidates 2,3,4,8")
         for c in self.candidates:
-            check_candidate(c.bits, c.group_size)
+            if c.ggml is None:
+                check_candidate(c.bits, c.group_size)
         if len(set(self.candidates)) < len(self.candidates):
             raise BitallocError(f"--candidates {candidates_text(self.candidates)!r} lists a candidate twice; "
                                 "list each once")
@@ -131,14 +159,22 @@ def check_candidate(bits: int, group_size: int, symmetric: bool = False) -> Cand
     return Candidate(bits=bits, group_size=group_size, symmetric=symmetric)
 
 
-_CANDIDATE_SYNTAX = "use e.g. '2,3,4,8', '2g64,3g128,4g128' or '4g128s' (s: symmetric)"
+_CANDIDATE_SYNTAX = (f"use e.g. '2,3,4,8', '2g64,3g128,4g128' or '4g128s' (s: symmetric), or ggml types "
+                     f"'{','.join(GGML_CODES)}' with --target llamacpp")
+_GGML_NAME = re.compile(r"\s*[qQ]\d_[kK0]\s*")
 
 
 def parse_candidates(text: str) -> list[Candidate]:
     """``'2,3,4,8'``, ``'2g64,3g128,4g128'`` or ``'4g128s'``: bits, optionally a group size (default 128) and
-    ``s`` for symmetric (no zero point stored)."""
+    ``s`` for symmetric (no zero point stored); or ggml type names (``'Q2_K,Q4_K,Q8_0'``)."""
     out = []
     for item in text.split(","):
+        if _GGML_NAME.fullmatch(item):
+            try:
+                out.append(ggml_candidate(item))
+            except ValueError as exc:
+                raise BitallocError(f"--candidates: {exc}") from None
+            continue
         m = re.fullmatch(r"\s*(\d+)(?:g(\d+))?(s?)\s*", item)
         try:
             if not m:
@@ -155,5 +191,5 @@ def parse_candidates(text: str) -> list[Candidate]:
 
 def candidates_text(candidates: tuple[Candidate, ...]) -> str:
     """The inverse of :func:`parse_candidates`."""
-    return ",".join(f"{c.bits}{'' if c.group_size == SLAB_WIDTH else f'g{c.group_size}'}{'s' if c.symmetric else ''}"
+    return ",".join(c.ggml or f"{c.bits}{'' if c.group_size == SLAB_WIDTH else f'g{c.group_size}'}{'s' if c.symmetric else ''}"
                     for c in candidates)

@@ -17,11 +17,12 @@ import numpy as np
 
 from ..allocator import Problem, build_problem
 from ..allocator.units import DecisionUnits, TensorSpec, decision_units
-from ..budget import Budget
-from ..errors import ScoresError
+from ..budget import Budget, ggml_row_allowed
+from ..errors import ConstraintError, ScoresError
 from ..model.checkpoint import Checkpoint
+from ..model.gguf import GgufLayout, gguf_layout
 from ..model.inventory import Inventory, build_inventory
-from ..plan import Candidate, Role
+from ..plan import Candidate, Role, TieGroup
 from ..sensitivity.table import ErrorTable
 from .config import CalibrationConfig, SolveConfig
 
@@ -45,6 +46,11 @@ class ModelContext:
         units = inv.quantized
         allowed = solve.constraints.allowed([u.tensor for u in units], [u.role.value for u in units], candidates,
                                             aliases(inv))
+        if calibration.target == "llamacpp":
+            if solve.granularity == "slab":
+                raise ConstraintError("--granularity slab splits tensors into column runs, which GGUF cannot store; "
+                                      "use --granularity tensor with --target llamacpp")
+            allowed = allowed & _rows_fit(units, candidates)
         return cls(ckpt, inv, candidates, solve, allowed)
 
     @classmethod
@@ -57,11 +63,33 @@ class ModelContext:
     def aliases(self) -> dict[str, list[str]]:
         return aliases(self.inv)
 
+    @property
+    def is_gguf(self) -> bool:
+        """A plan for llama.cpp: ggml types, GGUF file bytes."""
+        return any(c.ggml is not None for c in self.candidates)
+
+    @cached_property
+    def gguf(self) -> GgufLayout:
+        """The GGUF file this plan's llama-quantize run writes (llama.cpp plans only)."""
+        return gguf_layout(self.ckpt, self.inv)
+
+    @cached_property
+    def tie_groups(self) -> list[TieGroup]:
+        """What must share one choice: q/k/v and gate/up, which serving engines fuse; for llama.cpp, which
+        quantizes each of those on its own, a layer's experts of one projection (one GGUF tensor)."""
+        if not self.is_gguf:
+            return self.inv.tie_groups
+        return [TieGroup(id=self.gguf_tensor_of(m[0]), kind="experts", members=sorted(m))
+                for m in self.gguf.expert_groups()]
+
+    def gguf_tensor_of(self, tensor: str) -> str:
+        return next(t.name for t in self.gguf.tensors if tensor in t.units)
+
     @cached_property
     def units(self) -> DecisionUnits:
         specs = [TensorSpec(u.tensor, tuple(u.shape), None if u.expert is None else (u.layer, u.expert))
                  for u in self.inv.quantized]
-        return decision_units(specs, [g.members for g in self.inv.tie_groups], self.solve.granularity, self.candidates)
+        return decision_units(specs, [g.members for g in self.tie_groups], self.solve.granularity, self.candidates)
 
     @cached_property
     def structure(self) -> Problem:
@@ -71,8 +99,11 @@ class ModelContext:
                              self.solve.time_per_param(self.candidates), self.solve.time_budget)
 
     def problem(self, budget: Budget) -> Problem:
-        """The solver's problem at ``budget`` (errors zero until :meth:`with_table`); an unreachable budget raises."""
-        return self.structure.with_budget(budget)
+        """The solver's problem at ``budget`` (errors zero until :meth:`with_table`); an unreachable budget raises.
+
+        For llama.cpp the budget counts the whole GGUF file (or llama.cpp's bits per weight over all its
+        weights); the solver gets what is left for the tensors it chooses types for."""
+        return self.structure.with_budget(self.gguf.planned_budget(budget) if self.is_gguf else budget)
 
     def with_table(self, problem: Problem, table: ErrorTable) -> Problem:
         """``problem`` with ``table``'s predicted errors."""
@@ -97,6 +128,20 @@ class ModelContext:
             elif choice_count[n] > 1:
                 raise ScoresError(f"score file has no errors for {tensor}")
         return out
+
+
+def _rows_fit(units: list, candidates: list[Candidate]) -> np.ndarray:
+    """[T, C] whether each tensor's rows are whole blocks of each ggml candidate; a tensor no candidate fits
+    is refused (llama-quantize would silently store it as another type, outside the plan and its price)."""
+    fits = np.array([[ggml_row_allowed(c.ggml, u.shape[-1]) for c in candidates] for u in units], dtype=bool)
+    for u, row in zip(units, fits):
+        if not row.any():
+            blocks = sorted({c.group_size for c in candidates})
+            raise ConstraintError(f"{u.tensor} has rows of {u.shape[-1]} weights, which no candidate type stores "
+                                  f"(blocks of {', '.join(map(str, blocks))}); add Q8_0 (blocks of 32) to "
+                                  "--candidates or leave the tensor out (--no-include-embeddings / "
+                                  "--no-include-lm-head for those)")
+    return fits.reshape(len(units), len(candidates))
 
 
 def aliases(inv: Inventory) -> dict[str, list[str]]:

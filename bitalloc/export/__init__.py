@@ -35,8 +35,7 @@ def _llmcompressor_recipe(plan: Plan) -> Exported:
 
 def _llamacpp(plan: Plan) -> Exported:
     out = llamacpp.export(plan)
-    return out.text, out.changes + [f"predicted GGUF size {out.predicted_bytes / 1e6:.2f} MB",
-                                    "run: " + out.command("<this file>")]
+    return out.text, out.changes + [f"predicted GGUF size {out.predicted_bytes / 1e6:.3f} MB"]
 
 
 def _autoround(plan: Plan) -> Exported:
@@ -61,6 +60,14 @@ def export_plan(plan: Plan, fmt: str) -> Exported:
     if exporter is None:
         raise PlanError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     return exporter(plan)
+
+
+def llamacpp_command(plan: Plan, tensor_type_file: str, input_gguf: Optional[str] = None,
+                     output_gguf: Optional[str] = None, imatrix: Optional[str] = None) -> str:
+    """The exact ``llama-quantize`` command that applies ``plan`` with the tensor-type file written by
+    ``export_plan(plan, "llamacpp")`` (input and output GGUF placeholders unless given)."""
+    return llamacpp.export(plan).command(tensor_type_file, input_gguf or llamacpp.INPUT_GGUF,
+                                         output_gguf or llamacpp.OUTPUT_GGUF, imatrix)
 
 
 def _json(obj: Any) -> str:

@@ -1,15 +1,21 @@
-"""llama.cpp ``llama-quantize --tensor-type-file`` with GGUF tensor names and ggml types.
+"""llama.cpp: GGUF tensor names, and ``llama-quantize --tensor-type-file`` with the exact command to run.
 
-HF names are mapped with the ``gguf`` package's tensor-name map. GGUF stores all experts of a
-layer in one 3-D tensor (``ffn_{gate,up,down}_exps``) with one type, so per-expert widths are
-aggregated to the width covering most of that layer's expert parameters (ties: the wider); the
-exporter reports each change. Bits map to ggml types by bits per weight:
+HF names are mapped with the ``gguf`` package's tensor-name map (:func:`gguf_name`, also used to predict
+GGUF sizes and to name the importance matrix). GGUF stores all experts of a layer and projection in one
+3-D tensor (``ffn_{gate,up,down}_exps``) with one type.
+
+Plans made for llama.cpp (``--target llamacpp``, layout ``gguf``) name a ggml type per tensor, and the
+solver already gave a layer's experts of one projection one type; the export writes those types as they
+are. Older plans (layout compressed-tensors) are translated by bits, with per-expert widths aggregated to
+the width covering most of that layer's expert parameters (ties: the wider), each change reported:
 
     2 -> Q2_K (2.625 bpw)   3 -> Q3_K (3.4375)   4 -> Q4_K (4.5)   5 -> Q5_K (5.5)
     6 -> Q6_K (6.5625)      8 -> Q8_0 (8.5)      locked -> F16 (16)
 
-K-quants need rows divisible by 256; llama.cpp falls back for other shapes, which the predicted
-size ignores.
+llama-quantize gives the output and token-embedding tensors the types of ``--output-tensor-type`` and
+``--token-embedding-type`` before it reads any pattern, and every other tensor the type of the first
+``--tensor-type`` pattern found in it (``std::regex_search`` on the lower-cased GGUF name), so each line of
+the file is one anchored, escaped name.
 """
 
 from __future__ import annotations
@@ -17,17 +23,48 @@ from __future__ import annotations
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from typing import Optional
 
 from ..errors import PlanError
-from ..plan import Entry, Plan, Role
+from ..plan import GGUF_LAYOUT, Entry, Plan, Role
 from .rules import quantized_entries
 
 TOOL = "llama.cpp"
-GGML_TYPES = {2: ("q2_k", 2.625), 3: ("q3_k", 3.4375), 4: ("q4_k", 4.5), 5: ("q5_k", 5.5), 6: ("q6_k", 6.5625),
-              8: ("q8_0", 8.5)}
-F16 = ("f16", 16.0)
-_ARCHS = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2", "qwen3": "QWEN3", "qwen3_moe": "QWEN3MOE"}
-_EXPERT = re.compile(r"^(?P<base>.+\.mlp\.experts)\.\d+\.(?P<proj>gate_proj|up_proj|down_proj)$")
+BITS_TO_GGML = {2: "Q2_K", 3: "Q3_K", 4: "Q4_K", 5: "Q5_K", 6: "Q6_K", 8: "Q8_0"}  # compressed-tensors plans
+_BPW = {"Q2_K": 2.625, "Q3_K": 3.4375, "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625, "Q8_0": 8.5, "F16": 16.0}
+GGUF_ARCHS = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2", "qwen3": "QWEN3", "qwen3_moe": "QWEN3MOE"}
+_EXPERT = re.compile(r"^(?P<base>.+\.mlp\.experts)\.\d+\.(?P<proj>gate_proj|up_proj|down_proj)(?:\.weight)?$")
+INPUT_GGUF, OUTPUT_GGUF = "model-f16.gguf", "model-mixed.gguf"  # placeholders unless the user names the files
+
+
+def tensor_name_map(arch: str, n_layers: int):
+    """The ``gguf`` package's HF -> GGUF tensor-name map for a bitalloc architecture name."""
+    import gguf
+
+    if arch not in GGUF_ARCHS:
+        raise PlanError(f"no GGUF architecture mapping for {arch}; llama.cpp targets: {', '.join(GGUF_ARCHS)}")
+    return gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, GGUF_ARCHS[arch]), n_layers)
+
+
+def gguf_arch_name(arch: str) -> str:
+    """The architecture string GGUF files record (``general.architecture``)."""
+    import gguf
+
+    tensor_name_map(arch, 1)  # refuses unknown architectures
+    return gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, GGUF_ARCHS[arch])]
+
+
+def gguf_name(names, tensor: str) -> Optional[str]:
+    """The GGUF tensor that stores the checkpoint tensor ``tensor`` (every expert of a layer and projection
+    maps to the one fused ``..._exps.weight``); None when the map has no name for it."""
+    m = _EXPERT.match(tensor)
+    key = f"{m.group('base')}.{m.group('proj')}" if m else tensor
+    gg = names.get_name(key, try_suffixes=(".weight", ".bias"))
+    if gg is None:
+        return None
+    if not gg.endswith((".weight", ".bias")):
+        gg += ".bias" if tensor.endswith(".bias") else ".weight"
+    return gg
 
 
 @dataclass
@@ -35,77 +72,87 @@ class LlamaCppExport:
     lines: list[str]  # REGEX=TYPE entries of the tensor-type file
     output_type: str
     embedding_type: str
+    base_type: str  # llama-quantize's positional type: the type covering the most parameters (general.file_type)
     predicted_bytes: int
-    changes: list[str] = field(default_factory=list)  # what the expert aggregation changed
+    changes: list[str] = field(default_factory=list)  # what the expert aggregation changed (older plans)
 
     @property
     def text(self) -> str:
         return "\n".join(self.lines) + "\n"
 
-    def command(self, tensor_type_file: str) -> str:
-        return (f"llama-quantize --tensor-type-file {tensor_type_file} --output-tensor-type {self.output_type} "
-                f"--token-embedding-type {self.embedding_type} model-f16.gguf model-mixed.gguf q4_k_m")
-
-
-def _name_map(plan: Plan, n_layers: int):
-    import gguf
-
-    arch = _ARCHS.get(plan.model.arch)
-    if arch is None:
-        raise PlanError(f"no GGUF architecture mapping for {plan.model.arch}")
-    return gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch), n_layers)
-
-
-def _check_widths(entries: list[Entry]) -> None:
-    """Refuse widths with no ggml type (1 and 7 bits) rather than silently round them to another size."""
-    odd = [e for e in entries if e.bits not in GGML_TYPES]
-    if odd:
-        widths = ", ".join(str(b) for b in sorted({e.bits for e in odd}))
-        raise PlanError(f"llama.cpp has no {widths}-bit type ({odd[0].tensor} and {len(odd) - 1} more); make the "
-                        f"plan with --candidates among {','.join(str(b) for b in GGML_TYPES)}")
+    def command(self, tensor_type_file: str, input_gguf: str = INPUT_GGUF, output_gguf: str = OUTPUT_GGUF,
+                imatrix: Optional[str] = None) -> str:
+        """The llama-quantize command line that writes this plan's GGUF."""
+        im = f"--imatrix {imatrix} " if imatrix else ""
+        return (f"llama-quantize {im}--tensor-type-file {tensor_type_file} --output-tensor-type {self.output_type} "
+                f"--token-embedding-type {self.embedding_type} {input_gguf} {output_gguf} {self.base_type}")
 
 
 def export(plan: Plan) -> LlamaCppExport:
     entries = quantized_entries(plan, TOOL)
-    _check_widths(entries)
     n_layers = 1 + max((e.layer for e in plan.entries if e.layer is not None), default=0)
-    names = _name_map(plan, n_layers)
-    types: dict[str, tuple[str, float]] = {}
-    numel: Counter = Counter()
-    experts: dict[str, list[Entry]] = defaultdict(list)
+    names = tensor_name_map(plan.model.arch, n_layers)
+    by_gguf: dict[str, list[Entry]] = defaultdict(list)
     for e in entries:
-        m = _EXPERT.match(e.module)
-        if m:
-            experts[f"{m.group('base')}.{m.group('proj')}"].append(e)
-            continue
-        gg = names.get_name(e.tensor, try_suffixes=(".weight",))
+        gg = gguf_name(names, e.tensor)
         if gg is None:
             raise PlanError(f"{e.tensor} has no GGUF name for {plan.model.arch}")
-        types[gg] = GGML_TYPES[e.bits]
-        numel[gg] += e.numel
-    changes = []
-    for fused, members in sorted(experts.items()):
+        by_gguf[gg].append(e)
+    if plan.layout == GGUF_LAYOUT:
+        types, changes = _planned_types(by_gguf), []
+    else:
+        types, changes = _types_by_bits(by_gguf)
+    numel = {gg: sum(e.numel for e in members) for gg, members in by_gguf.items()}
+    outer = {e.role: e for e in plan.entries if e.role in (Role.embedding, Role.lm_head)}
+    emb = outer.get(Role.embedding)
+    head = outer.get(Role.lm_head) or emb  # tied: the embedding is also the output
+    inner = {gg: t for gg, t in types.items() if by_gguf[gg][0].role not in (Role.embedding, Role.lm_head)}
+    weight: Counter = Counter()
+    for gg, t in inner.items():
+        weight[t] += numel[gg]
+    base = max(weight, key=lambda t: (weight[t], _BPW[t])) if weight else _type_of(head, types, names)
+    lines = [f"^{re.escape(name)}$={t.lower()}" for name, t in sorted(inner.items())]
+    if plan.budget.file_bytes is not None:
+        size = plan.budget.file_bytes
+    else:
+        size = int(sum(numel[gg] * _BPW[t] / 8 for gg, t in types.items())
+                   + sum(e.numel * _BPW["F16"] / 8 for e in plan.entries if e.locked))
+    return LlamaCppExport(lines, _type_of(head, types, names).lower(), _type_of(emb, types, names).lower(), base,
+                          size, changes)
+
+
+def _planned_types(by_gguf: dict[str, list[Entry]]) -> dict[str, str]:
+    """A gguf plan's own types; the members of one GGUF tensor must agree (the solver ties them)."""
+    out = {}
+    for gg, members in by_gguf.items():
+        kinds = {e.ggml for e in members}
+        if len(kinds) > 1:
+            raise PlanError(f"{gg} holds {len(members)} tensors of the plan with different types "
+                            f"({', '.join(sorted(map(str, kinds)))}); GGUF stores them as one tensor of one type: "
+                            "make the plan again with `allocate --target llamacpp`")
+        out[gg] = members[0].ggml
+    return out
+
+
+def _types_by_bits(by_gguf: dict[str, list[Entry]]) -> tuple[dict[str, str], list[str]]:
+    """An older plan's widths as ggml types; experts of one GGUF tensor aggregated by parameters, changes listed."""
+    odd = sorted({e.bits for members in by_gguf.values() for e in members if e.bits not in BITS_TO_GGML})
+    if odd:
+        raise PlanError(f"llama.cpp has no {', '.join(map(str, odd))}-bit type; make the plan with --target llamacpp "
+                        f"(or --candidates among {','.join(str(b) for b in BITS_TO_GGML)})")
+    out, changes = {}, []
+    for gg, members in sorted(by_gguf.items()):
         weight: Counter = Counter()
         for e in members:
             weight[e.bits] += e.numel
         bits = max(weight, key=lambda b: (weight[b], b))
         moved = [e for e in members if e.bits != bits]
-        gg = names.get_name(fused, try_suffixes=(".weight",))
-        if gg is None:
-            raise PlanError(f"{fused} has no GGUF name for {plan.model.arch}")
         if moved:
-            changes.append(f"{gg}: {len(moved)} of {len(members)} experts moved to {bits} bits "
+            changes.append(f"{gg.removesuffix('.weight')}: {len(moved)} of {len(members)} experts moved to {bits} bits "
                            f"(from {sorted({e.bits for e in moved})})")
-        types[gg + ".weight" if not gg.endswith(".weight") else gg] = GGML_TYPES[bits]
-        numel[gg + ".weight" if not gg.endswith(".weight") else gg] += sum(e.numel for e in members)
-    lines = [f"^{re.escape(name)}$={t}" for name, (t, _) in sorted(types.items())]
-    size = sum(numel[n] * bpw / 8 for n, (_, bpw) in types.items())
-    size += sum(e.numel * F16[1] / 8 for e in plan.entries if e.locked)
-    by_role = {e.role: e for e in plan.entries if e.role in (Role.embedding, Role.lm_head)}
-    emb = by_role.get(Role.embedding)
-    head = by_role.get(Role.lm_head) or emb
-    return LlamaCppExport(lines, _type_of(head), _type_of(emb), int(size), changes)
+        out[gg] = BITS_TO_GGML[bits]
+    return out, changes
 
 
-def _type_of(e: Entry | None) -> str:
-    return F16[0] if e is None or e.locked else GGML_TYPES[e.bits][0]
+def _type_of(e: Optional[Entry], types: dict[str, str], names) -> str:
+    return "F16" if e is None or e.locked else types[gguf_name(names, e.tensor)]

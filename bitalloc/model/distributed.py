@@ -28,14 +28,15 @@ from ..errors import BitallocError
 
 @dataclass(frozen=True)
 class Group:
-    """This process's place in the run: ``world`` processes, this one ``rank``; (1, 0) when alone."""
+    """This process's place in the run: ``world`` processes, this one ``rank``; (1, 0) when alone.
+
+    ``active``: a process group was joined (torchrun, even with one process, so that a one-GPU
+    launch runs the collectives too); otherwise every collective is a no-op.
+    """
 
     world: int = 1
     rank: int = 0
-
-    @property
-    def active(self) -> bool:
-        return self.world > 1
+    active: bool = False
 
     @property
     def leader(self) -> bool:
@@ -82,8 +83,8 @@ def current() -> Group:
 
 
 def launched() -> bool:
-    """Whether torchrun (or another torch.distributed launcher) started this process among several."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Whether torchrun (or another torch.distributed launcher) started this process."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
 def init_from_env(device: str) -> tuple[Group, str]:
@@ -106,7 +107,7 @@ def init_from_env(device: str) -> tuple[Group, str]:
         device = f"cuda:{local}"
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if cuda else "gloo", world_size=world, rank=rank)
-    _GROUP = Group(world=world, rank=rank)
+    _GROUP = Group(world=world, rank=rank, active=True)
     return _GROUP, device
 
 

@@ -17,49 +17,22 @@ runs for all blocks at once; the only Python loops are over the positions inside
 over a search's candidates. The reference is ggml as built for x86-64 (no contraction of a*b+c
 into FMA); builds that contract, such as ARM ones, can differ in the last bit of a few scales.
 
-The type table :data:`GGML_TYPES` holds what a budget needs (block length and bytes per block).
+The type table :data:`GGML_TYPES` (block length and bytes per block) lives in :mod:`bitalloc.budget`,
+which prices plans with it without importing torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
+from ..budget import GGML_TYPES, GgmlType, ggml_row_allowed
+
 QK_K = 256  # weights per K-quant super-block
 _EPS = float(np.float32(1e-15))  # ggml's GROUP_MAX_EPS: below it a group counts as all zero
 _CHUNK = 8192  # super-blocks per pass (whole rows): bounds the searches' memory to a few hundred MB
-
-
-@dataclass(frozen=True)
-class GgmlType:
-    """One ggml tensor type: ``block_size`` consecutive weights of a row are stored in ``type_size`` bytes."""
-
-    name: str
-    type_id: int  # the ggml_type enum value that GGUF files store
-    block_size: int
-    type_size: int
-
-    @property
-    def bits_per_weight(self) -> float:
-        """Storage per weight, scales included: what llama.cpp's size and bpw figures count."""
-        return 8 * self.type_size / self.block_size
-
-
-GGML_TYPES: dict[str, GgmlType] = {t.name: t for t in (
-    GgmlType("F32", 0, 1, 4),
-    GgmlType("F16", 1, 1, 2),
-    GgmlType("BF16", 30, 1, 2),
-    GgmlType("Q4_0", 2, 32, 18),
-    GgmlType("Q8_0", 8, 32, 34),
-    GgmlType("Q2_K", 10, QK_K, 84),
-    GgmlType("Q3_K", 11, QK_K, 110),
-    GgmlType("Q4_K", 12, QK_K, 144),
-    GgmlType("Q5_K", 13, QK_K, 176),
-    GgmlType("Q6_K", 14, QK_K, 210),
-)}
 
 
 def ggml_type(name: str) -> GgmlType:
@@ -72,7 +45,7 @@ def ggml_type(name: str) -> GgmlType:
 
 def row_allowed(qtype: str, cols: int) -> bool:
     """Whether rows of ``cols`` weights can be stored as ``qtype`` (blocks never straddle rows)."""
-    return cols > 0 and cols % ggml_type(qtype).block_size == 0
+    return ggml_row_allowed(ggml_type(qtype).name, cols)
 
 
 def row_bytes(qtype: str, cols: int) -> int:
@@ -613,3 +586,12 @@ def dequantize(data: torch.Tensor, qtype: str) -> torch.Tensor:
 def fake_quantize(w: torch.Tensor, qtype: str, imatrix: torch.Tensor | None = None) -> torch.Tensor:
     """What llama.cpp computes with when ``w`` is stored as ``qtype``: float32 [rows, cols]."""
     return dequantize(quantize(w, qtype, imatrix), qtype)
+
+
+def weight_error(w: torch.Tensor, qtype: str, imatrix: torch.Tensor | None = None) -> torch.Tensor:
+    """dW of llama.cpp's ``qtype``: what it computes with, minus ``w`` (float32, like ``w``).
+
+    llama-quantize reads a model-f16.gguf, so ``w`` is rounded to fp16 first, as the converter stores it;
+    the error is measured against the checkpoint's own weight, as every other candidate's is.
+    """
+    return fake_quantize(w.half(), qtype, imatrix) - w.float()

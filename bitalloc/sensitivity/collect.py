@@ -35,6 +35,7 @@ from ..plan import Candidate, Role
 from ..progress import SILENT, Tracker
 from ..rounding.apply import quantize_runs
 from ..rounding.config import RoundingConfig
+from ..rounding.kquants import weight_error
 from ..rounding.rtn import rtn_error
 from .table import DEFAULT_SCORE, SLAB_WIDTH, ErrorTable
 from . import combined, gradient, hessian, importance, spectral
@@ -48,6 +49,7 @@ FORMULAS["combined"] = combined.FORMULA
 SCORE_NAMES = tuple(FORMULAS)
 FORWARD_BATCH = 8  # sequences per forward call; bounds activation memory inside a layer
 STATS_BUDGET = 16 * 2**30  # bytes of per-unit gradient statistics held at once (see stat_groups)
+IN_SUM2 = "in_sum2"  # table vector: per input column, the sum of squared inputs (llama.cpp's importance matrix)
 
 
 class GradStats:
@@ -110,6 +112,8 @@ class _Results:
     def record(self, unit: Unit, ctx: UnitContext) -> None:
         r = self.rows[unit.tensor]
         self.tokens[r] = ctx.tokens
+        if ctx.h is not None and any(c.ggml is not None for c in self.candidates):  # for `--imatrix FILE`
+            self.vectors[IN_SUM2][r] = torch.diagonal(ctx.h).double().cpu().numpy()
         for name, fam in FAMILIES.items():
             t0 = time.perf_counter()
             out = fam.predict(ctx)
@@ -189,7 +193,8 @@ class _Results:
 def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidates: list[Candidate],
                    device: str = "auto", track: Tracker = SILENT, workdir: Optional[str] = None,
                    seed: int = 0, with_combined: bool = True, stats_budget: int = STATS_BUDGET,
-                   rounding: Optional[RoundingConfig] = None, resume: Optional[str] = None) -> ErrorTable:
+                   rounding: Optional[RoundingConfig] = None, imatrix: bool = False,
+                   resume: Optional[str] = None) -> ErrorTable:
     """Run the calibration pass and return the error table (every score) of every unlocked unit of ``inv``.
 
     ``with_combined=False`` skips the measured sample that ``combined`` needs (the table then has
@@ -199,6 +204,11 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
     --method gptq`` will apply), instead of RTN's; H is then collected in a forward pre-pass over the
     layer, before the backward sweeps need dW. Units outside the decoder layers and MoE experts routed
     fewer than ``rounding.min_expert_tokens`` tokens keep RTN's error, as the rounding driver does.
+
+    ggml candidates (llama.cpp plans) take their dW from llama.cpp's own quantizer of that type; with
+    ``imatrix`` from its importance-matrix quantizer, given this pass's matrix (mean squared input per column,
+    collected in the same forward pre-pass), as ``llama-quantize --imatrix`` will quantize. The table then
+    keeps each unit's sum of squared inputs (vector ``in_sum2``), from which the imatrix file is written.
 
     Inside a process group (``model.distributed``, launched by torchrun) each rank runs its share of
     the sequences and computes the families of its share of the units; every rank returns the whole
@@ -227,8 +237,10 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
         meta["rounding"] = "gptq"
     key = {"config": ckpt.config_sha256, "index": ckpt.index_sha256, "candidates": [c.id for c in candidates],
            "units": [u.tensor for u in units], "seed": seed, "rounding": rounding is not None,
-           "stats_budget": stats_budget, "world": group.world, "rank": group.rank}
+           "stats_budget": stats_budget, "imatrix": imatrix, "world": group.world, "rank": group.rank}
     ckpts = Checkpoints(resume, resume_key(key, ids))
+    if imatrix:
+        meta["imatrix"] = True  # ggml errors are those of quantizing with this pass's importance matrix
 
     t0 = time.perf_counter()
     stream = LayerInputs(lm, local_ids, FORWARD_BATCH, workdir, track, _lim_sum)
@@ -254,8 +266,12 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
         norm_w, head_w = lm.head_weights()
         head_unit = outer.get(Role.lm_head) or (outer.get(Role.embedding) if inv.tied_embeddings else None)
         head_w.requires_grad_(head_unit is not None)
-        head_stats = _grad_stats(head_w.detach(), candidates, n_seq, head_unit) if head_unit is not None else None
-        head_h = torch.zeros(head_w.shape[1], head_w.shape[1], device=lm.device) if head_unit is not None else None
+        head_h = None
+        if head_unit is not None:
+            head_h = group.sum_(_head_inputs(lm, stream.top, norm_w))
+        head_stats = _grad_stats(head_w.detach(), candidates, n_seq, head_unit,
+                                 importance=_mean_square(head_h, n_seq * seqlen) if imatrix else None) \
+            if head_unit is not None else None
         top = ckpts.load_top()
         if top is None:
             loss_sum = 0.0
@@ -268,20 +284,15 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
                 if head_stats is not None:
                     head_stats.add(g, head_w.grad)
                     head_w.grad = None
-                    xn = lm.final_norm(h.detach(), norm_w)[0]
-                    head_h += xn.T @ xn
                 loss_sum += float(loss.detach())
             meta["calibration_loss"] = group.sum_float(loss_sum)[0] / n_seq
-            if head_h is not None:
-                group.sum_(head_h)
-            saved = {"grad": grad, **({} if head_stats is None else {**head_stats.state(), "head_h": head_h})}
+            saved = {"grad": grad, **({} if head_stats is None else head_stats.state())}
             ckpts.save_top({"calibration_loss": meta["calibration_loss"]}, saved)
         else:
             meta["calibration_loss"] = top[0]["calibration_loss"]
             grad.copy_(top[1]["grad"])
             if head_stats is not None:
                 head_stats.restore(top[1])
-                head_h.copy_(top[1]["head_h"])
         stream.drop_top()
         done = _agreed_progress(ckpts, group, lm.num_layers) if top is not None else lm.num_layers
         if done < lm.num_layers:
@@ -298,7 +309,7 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
             layer = lm.load_layer(i)
             layer_units = by_layer.get(i, [])
             inputs = InputStats(layer, layer_units)
-            if rounding is not None:  # GPTQ's dW needs H before the sweeps
+            if rounding is not None or imatrix:  # GPTQ's dW and the imatrix quantizers need H before the sweeps
                 with torch.no_grad():
                     for s in range(len(mine)):
                         lm.run_layer(layer, x_all[s:s + 1], pos1)
@@ -315,7 +326,8 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
                     param, name = unit_param(layer, u)
                     param.requires_grad_(True)
                     h = gptq_hessian(inputs, u, rounding)
-                    stats[u.tensor] = (name, _grad_stats(unit_view(layer, u), candidates, n_seq, u, h, rounding))
+                    imp = _mean_square(inputs.hessian(u.tensor), inputs.tokens(u.tensor)) if imatrix else None
+                    stats[u.tensor] = (name, _grad_stats(unit_view(layer, u), candidates, n_seq, u, h, rounding, imp))
                 for s, g in enumerate(mine):
                     x = x_all[s:s + 1].detach().requires_grad_(last)
                     y = lm.run_layer(layer, x, pos1)
@@ -447,14 +459,38 @@ def stat_groups(units: list[Unit], n_candidates: int, budget: int) -> list[list[
 
 
 def _grad_stats(w: torch.Tensor, candidates: list[Candidate], n_seq: int, unit: Unit,
-                h: Optional[torch.Tensor] = None, rounding: Optional[RoundingConfig] = None) -> GradStats:
-    """Gradient statistics against each candidate's dW: GPTQ's under ``h`` when given, else RTN's."""
+                h: Optional[torch.Tensor] = None, rounding: Optional[RoundingConfig] = None,
+                importance: Optional[torch.Tensor] = None) -> GradStats:
+    """Gradient statistics against each candidate's dW: llama.cpp's for ggml types (with the ``importance``
+    matrix when given), GPTQ's under ``h`` when given, else RTN's."""
     w = w.detach()
-    if h is None:
+    if candidates and candidates[0].ggml is not None:
+        dws = [weight_error(w, c.ggml, importance) for c in candidates]
+    elif h is None:
         dws = [rtn_error(w, c.bits, c.group_size, c.symmetric) for c in candidates]
     else:
         dws = [quantize_runs(w.float(), [(0, w.shape[1], c)], h, rounding).dequantize() - w.float() for c in candidates]
     return GradStats(w.float(), dws, n_seq, seed=_stable_seed(unit.tensor))
+
+
+def _head_inputs(lm: LayerwiseModel, top: torch.Tensor, norm_w: torch.Tensor) -> torch.Tensor:
+    """H = sum x^T x of the lm_head's inputs (the final norm of the top layer's outputs, [n_seq, seqlen, d])."""
+    h = torch.zeros(norm_w.shape[0], norm_w.shape[0], device=lm.device)
+    with torch.no_grad():
+        for s in range(top.shape[0]):
+            xn = lm.final_norm(top[s], norm_w)
+            h += xn.T @ xn
+    return h
+
+
+def _mean_square(h: Optional[torch.Tensor], tokens: int) -> Optional[torch.Tensor]:
+    """llama.cpp's importance of each input column: the mean squared input (all ones when no token reached
+    the tensor, as llama-quantize reads a zero count)."""
+    if h is None:
+        return None
+    if tokens == 0:
+        return torch.ones(h.shape[0], device=h.device)
+    return torch.diagonal(h) / tokens
 
 
 def gptq_hessian(inputs: InputStats, unit: Unit, rounding: Optional[RoundingConfig]) -> Optional[torch.Tensor]:
