@@ -22,6 +22,7 @@ from typing import Literal
 from .errors import BudgetError
 
 SCALE_BITS = 16  # one fp16/bf16 scale per group
+BASIS_BITS = 16  # shared spectral bases (BitsMoE) and factor rows kept unquantized are stored in fp16/bf16
 STORAGE_LAYOUT = "compressed-tensors"  # what the formula below prices; recorded in every plan
 
 _BYTE_UNITS = {
@@ -49,6 +50,19 @@ def tensor_bits(rows, cols, bits: int, group_size: int, symmetric: bool = False)
     """
     groups = rows * -(-cols // group_size)
     return rows * cols * bits + groups * (SCALE_BITS + (0 if symmetric else bits))
+
+
+def factor_bits(rows, cols, width: int, group_size: int, symmetric: bool = False):
+    """Storage of ``rows`` spectral rank rows of ``cols`` entries each at ``width`` (BitsMoE factor slabs), in bits.
+
+    Width 0 drops the rows (nothing stored); width ``BASIS_BITS`` keeps them in fp16 (no scales); any other
+    width stores integer codes priced by :func:`tensor_bits`, groups running along the row.
+    """
+    if width == 0:
+        return 0 * rows * cols
+    if width == BASIS_BITS:
+        return rows * cols * BASIS_BITS
+    return tensor_bits(rows, cols, width, group_size, symmetric)
 
 
 def nominal_bpp(bits: int, group_size: int, symmetric: bool = False) -> float:
