@@ -165,21 +165,21 @@ def surrogate(b: ExpertBlock, weights: Sequence[torch.Tensor], sigmas: Sequence[
     slab_error = np.zeros((len(weights), len(bounds), len(widths)))
     output_mse = np.zeros((len(weights), len(candidates)))
     for e, (w, f, sigma) in enumerate(zip(weights, fs, sigmas)):
-        per_rank = np.stack([rank_errors(basis, quantize_rows(f, width, group_size, symmetric) - f, sigma, b.side)
-                             for width in widths], axis=1)  # [rank, W]
+        dfs = [quantize_rows(f, width, group_size, symmetric) - f for width in widths]
+        per_rank = rank_errors(basis, dfs, sigma, b.side)  # [rank, W]
         slab_error[e] = np.stack([per_rank[a:z].sum(0) for a, z in bounds])
         output_mse[e] = [output_error(rtn_error(w, c.bits, c.group_size, c.symmetric), sigma) for c in candidates]
     return SpectralBlock(b, shares, tokens, rank, bounds, slab_error, output_mse, evals.numpy())
 
 
-def rank_errors(basis: torch.Tensor, df: torch.Tensor, sigma: torch.Tensor, side: str) -> np.ndarray:
-    """[rank] predicted output error of each factor row's error ``df`` under the input covariance ``sigma``."""
-    df = df.double()
+def rank_errors(basis: torch.Tensor, dfs: Sequence[torch.Tensor], sigma: torch.Tensor, side: str) -> np.ndarray:
+    """[rank, W] predicted output error of each factor row's error (``dfs[w]``: [rank, n] per width) under the
+    input covariance ``sigma``."""
     if side == "input":
         b = basis.double()
-        weight = ((b @ sigma) * b).sum(1)  # b_k^T Sigma b_k
-        return (df.pow(2).sum(1) * weight).numpy()
-    return ((df @ sigma) * df).sum(1).numpy()
+        weight = ((b @ sigma) * b).sum(1)  # b_k^T Sigma b_k, once for every width
+        return torch.stack([df.double().pow(2).sum(1) * weight for df in dfs], dim=1).numpy()
+    return torch.stack([((df.double() @ sigma) * df.double()).sum(1) for df in dfs], dim=1).numpy()
 
 
 def output_error(dw: torch.Tensor, sigma: torch.Tensor) -> float:
