@@ -191,3 +191,28 @@ def test_eval_applies_the_decomposition(bitsmoe_plan, tiny_moe, heldout_file):
     at16, dropped = ppl(_with_widths(bitsmoe_plan, 16)), ppl(_with_widths(bitsmoe_plan, 0))
     assert at16 == pytest.approx(ref, rel=1e-4)  # factors and basis in fp16: the experts as they were
     assert abs(dropped - ref) > 100 * abs(at16 - ref)  # no expert at all: eval did apply the widths
+
+
+def test_cli_refuses_what_bitsmoe_cannot_honour(tiny_moe, tiny_llama, calib_file, moe_scores, tmp_path):
+    from typer.testing import CliRunner
+
+    from bitalloc.cli import app
+
+    from .conftest import expect_user_error
+
+    scores = moe_scores.save(tmp_path / "s.safetensors")
+    out = tmp_path / "p.json"
+
+    def run(*args):
+        return CliRunner().invoke(app, [str(a) for a in args])
+
+    expect_user_error(run("allocate", tiny_moe, "-b", "3", "--scores", scores, "--method", "bitsmoe", "-o", out),
+                      "needs --calib", written=out)
+    expect_user_error(run("allocate", tiny_moe, "-b", "3", "--scores", scores, "--method", "nope", "-o", out),
+                      "unknown method", written=out)
+    expect_user_error(run("allocate", tiny_moe, "-b", "3", "--calib", calib_file, "--method", "bitsmoe",
+                          "--pin", r"experts\.0\.=8", "-o", out), "pins and bit bounds", written=out)
+    expect_user_error(run("allocate", tiny_llama, "-b", "3", "--calib", calib_file, "--method", "bitsmoe", "-o", out),
+                      "needs MoE experts", written=out)
+    expect_user_error(run("frontier", tiny_moe, "--scores", scores, "--method", "bitsmoe", "-o", tmp_path / "f"),
+                      "per-tensor plans only")
