@@ -47,11 +47,16 @@ def main() -> None:
     ap.add_argument("--heldout", required=True)
     ap.add_argument("--budgets", type=float, nargs="+", default=[2.0, 2.25, 2.5, 3.0])
     ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap.add_argument("--rank-slab", type=int, default=64)
+    ap.add_argument("--methods", nargs="+", default=["per-tensor", "bitsmoe"])
     ap.add_argument("--out", default="benchmarks/out/bitsmoe")
     args = ap.parse_args()
     out = Path(args.out) / Path(args.model).name
     out.mkdir(parents=True, exist_ok=True)
-    scores = out / "scores.safetensors"
+    scores = out / "scores.safetensors"  # one per-tensor error table, shared by every --rank-slab
+    if args.rank_slab != 64:
+        out = out / f"rank-slab-{args.rank_slab}"
+        out.mkdir(exist_ok=True)
     calib = ["--calib", args.calib, "--calib-tokens", str(args.calib_tokens)]
     results: dict = {"model": args.model, "calib_tokens": args.calib_tokens, "rows": []}
 
@@ -61,13 +66,14 @@ def main() -> None:
         if rc:
             sys.exit(log)
         results["scores"] = stats
-    results["unquantized"] = perplexity(args.model, args.heldout, [])
-    results["uniform"] = {f"{b}-bit": perplexity(args.model, args.heldout, ["--bits", str(b)]) for b in (2, 3)}
+    if "per-tensor" in args.methods:  # the baselines, once
+        results["unquantized"] = perplexity(args.model, args.heldout, [])
+        results["uniform"] = {f"{b}-bit": perplexity(args.model, args.heldout, ["--bits", str(b)]) for b in (2, 3)}
     for target in args.budgets:
         row: dict = {"target": target}
-        for method in ("per-tensor", "bitsmoe"):
+        for method in args.methods:
             path = out / f"plan-{method}-{target}.json"
-            extra = calib if method == "bitsmoe" else []
+            extra = [*calib, "--rank-slab", str(args.rank_slab)] if method == "bitsmoe" else []
             rc, stats, log = measured(["allocate", args.model, "--budget", f"{target}bpp", "--scores", str(scores),
                                        *extra, "--method", method, "-o", str(path), "--quiet"])
             if rc == 2:  # a refused budget: infeasible for this method's candidates
@@ -87,16 +93,17 @@ def main() -> None:
         results["rows"].append(row)
         print(json.dumps(row), flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    print(f"\nunquantized {results['unquantized']:.3f}; uniform RTN " +
-          ", ".join(f"{k} {v:.3f}" for k, v in results["uniform"].items()))
+    if "uniform" in results:
+        print(f"\nunquantized {results['unquantized']:.3f}; uniform RTN " +
+              ", ".join(f"{k} {v:.3f}" for k, v in results["uniform"].items()))
     print("| bpp | per-tensor ppl (bpp) | bitsmoe ppl (bpp) | bitsmoe allocate s / peak MiB | decomposition s |")
     print("|---|---|---|---|---|")
     for r in results["rows"]:
         cells = []
         for method in ("per-tensor", "bitsmoe"):
-            m = r[method]
+            m = r.get(method, {"infeasible": "not run"})
             cells.append("infeasible" if "infeasible" in m else f"{m['ppl']:.3f} ({m['bpp']:.4f})")
-        b = r["bitsmoe"]
+        b = r.get("bitsmoe", {"infeasible": "not run"})
         cost = "-" if "infeasible" in b else f"{b['allocate']['wall_s']:.0f} / {b['allocate']['peak_rss_mib']:.0f}"
         dec = "-" if "infeasible" in b else f"{b['timings'].get('decomposition_s', 0):.2f}"
         print(f"| {r['target']} | {cells[0]} | {cells[1]} | {cost} | {dec} |")
