@@ -77,7 +77,7 @@ def main() -> None:
             rc, stats, log = measured(["allocate", args.model, "--budget", f"{target}bpp", "--scores", str(scores),
                                        *extra, "--method", method, "-o", str(path), "--quiet"])
             if rc == 2:  # a refused budget: infeasible for this method's candidates
-                row[method] = {"infeasible": log.strip().splitlines()[-2 if stats else -1]}
+                row[method] = {"infeasible": next(x for x in log.splitlines() if x.startswith("error:"))}
                 continue
             if rc:
                 sys.exit(log)
@@ -86,9 +86,8 @@ def main() -> None:
                            "predicted": plan.solver.objective, "timings": plan.timings, "allocate": stats,
                            "ppl": perplexity(args.model, args.heldout, ["--plan", str(path)])}
             if plan.decomposition is not None:
-                report = out / f"report-{target}"
-                report.with_suffix(".md").write_text("\n".join(decomposition_rows(plan)) + "\n")
-                subprocess.run([*CLI, "report", str(path), "--png", str(report.with_suffix(".png"))], check=True,
+                (out / f"report-{target}.md").write_text("\n".join(decomposition_rows(plan)) + "\n")
+                subprocess.run([*CLI, "report", str(path), "--png", str(out / f"report-{target}.png")], check=True,
                                capture_output=True)
         results["rows"].append(row)
         print(json.dumps(row), flush=True)
