@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
@@ -33,11 +33,15 @@ from ..sensitivity.table import ErrorTable
 from .config import CalibrationConfig
 from .context import ModelContext
 
+if TYPE_CHECKING:
+    from ..sensitivity.bitsmoe import SpectralBlock
+
 FACTOR_GROUP = SLAB_WIDTH  # factor rows are quantized in groups of 128, asymmetric: the default candidates' layout
 FACTOR_SYMMETRIC = False
 
 
-def allocate_bitsmoe(ctx: ModelContext, budget: Budget, calib: Optional[str | Path], scores, calibration: CalibrationConfig,
+def allocate_bitsmoe(ctx: ModelContext, budget: Budget, calib: Optional[str | Path],
+                     scores: Optional[str | Path | ErrorTable], calibration: CalibrationConfig,
                      save_scores: Optional[str | Path], track: Tracker, t_start: float) -> Plan:
     """The BitsMoE plan of ``ctx``'s model at ``budget`` (see the module docstring)."""
     from ..model.layerwise import run_workdir
@@ -144,7 +148,7 @@ def _dense_context(ctx: ModelContext) -> ModelContext:
     return ModelContext.from_inventory(ctx.ckpt, inv, ctx.candidates, ctx.solve, ctx.allowed[np.array(keep, bool)])
 
 
-def _block(sb, bounds: list[tuple[int, int]], kept: np.ndarray, widths: np.ndarray, cost: np.ndarray) -> DecomposedBlock:
+def _block(sb: "SpectralBlock", bounds: list[tuple[int, int]], kept: np.ndarray, widths: np.ndarray, cost: np.ndarray) -> DecomposedBlock:
     b = sb.block
     prefix = b.units[0].tensor.split(".mlp.experts.")[0]
     drop = SPECTRAL_WIDTHS.index(0)

@@ -39,9 +39,9 @@ from ..plan import Candidate, Role
 from ..progress import SILENT, Tracker
 from ..rounding.lowrank import factors, quantize_rows, shared_basis, slab_bounds, space_matrix
 from ..rounding.rtn import rtn_error
+from .collect import FORWARD_BATCH
 
 PROJECTIONS = {Role.expert_gate: ("gate", "input"), Role.expert_up: ("up", "input"), Role.expert_down: ("down", "output")}
-FORWARD_BATCH = 8
 
 
 @dataclass(frozen=True)
