@@ -26,6 +26,7 @@ from typing import Literal
 from .errors import BudgetError
 
 SCALE_BITS = 16  # one fp16/bf16 scale per group
+BASIS_BITS = 16  # shared spectral bases (BitsMoE) and factor rows kept unquantized are stored in fp16/bf16
 STORAGE_LAYOUT = "compressed-tensors"  # what the formula below prices; recorded in every plan
 GGUF_LAYOUT = "gguf"  # plans for llama.cpp: ggml types, budgets in GGUF file bytes
 
@@ -99,6 +100,19 @@ def ggml_bits(rows, cols, qtype: str):
 def ggml_row_allowed(qtype: str, cols: int) -> bool:
     """Whether rows of ``cols`` weights can be stored as ``qtype`` (blocks never straddle rows)."""
     return cols > 0 and cols % GGML_TYPES[qtype].block_size == 0
+
+
+def factor_bits(rows, cols, width: int, group_size: int, symmetric: bool = False):
+    """Storage of ``rows`` spectral rank rows of ``cols`` entries each at ``width`` (BitsMoE factor slabs), in bits.
+
+    Width 0 drops the rows (nothing stored); width ``BASIS_BITS`` keeps them in fp16 (no scales); any other
+    width stores integer codes priced by :func:`tensor_bits`, groups running along the row.
+    """
+    if width == 0:
+        return 0 * rows * cols
+    if width == BASIS_BITS:
+        return rows * cols * BASIS_BITS
+    return tensor_bits(rows, cols, width, group_size, symmetric)
 
 
 def nominal_bpp(bits: int, group_size: int, symmetric: bool = False) -> float:

@@ -195,12 +195,13 @@ def _solve_options() -> Callable[[Callable], Callable]:
 
     def build(solver: str, score: str, granularity: str, pin: list[str], min_bits: Optional[int],
               max_bits: Optional[int], role_bits: list[str], bits_range: list[str], time_table: Optional[Path],
-              time_budget: Optional[float], time_limit: float) -> SolveConfig:
+              time_budget: Optional[float], time_limit: float, method: str, rank_slab: int) -> SolveConfig:
         from .api import Constraints
 
         return SolveConfig(solver=solver, score=score, granularity=granularity,
                            constraints=Constraints(tuple(pin), min_bits, max_bits, tuple(role_bits), tuple(bits_range)),
-                           time_table=_time_table(time_table), time_budget=time_budget, time_limit_s=time_limit)
+                           time_table=_time_table(time_table), time_budget=time_budget, time_limit_s=time_limit,
+                           method=method, rank_slab=rank_slab)
 
     opt = typer.Option
     return _options("solve", (
@@ -225,6 +226,10 @@ def _solve_options() -> Callable[[Callable], Callable]:
                                                                    "--time-table).")], d.time_budget),
         _Option("time_limit", Annotated[float, opt(help="Solver time limit in seconds; the plan reports the gap if "
                                                         "it is hit.")], d.time_limit_s),
+        _Option("method", Annotated[str, opt(help="per-tensor (default) | bitsmoe (MoE experts as a shared SVD basis "
+                                                  "plus factor slabs; needs --calib; docs/bitsmoe.md).")], d.method),
+        _Option("rank_slab", Annotated[int, opt(help="--method bitsmoe: ranks per slab (one width per slab and "
+                                                     "expert).")], d.rank_slab),
     ), build)
 
 

@@ -23,7 +23,8 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .budget import GGML_TYPES, GGUF_LAYOUT, STORAGE_LAYOUT, ggml_bits, nominal_bpp, tensor_bits
+from .budget import (BASIS_BITS, GGML_TYPES, GGUF_LAYOUT, STORAGE_LAYOUT, factor_bits, ggml_bits, nominal_bpp,
+                     tensor_bits)
 from .errors import BitallocError, OutputError, PlanError
 
 PLAN_FORMAT = "bitalloc.plan"
@@ -33,6 +34,8 @@ PLAN_VERSION = 2  # bump only with a migration in Plan.load; readers refuse othe
 LOCKED_BITS = 16
 SLAB_WIDTH = 128  # input columns per slab: the unit of --granularity slab and of error tables' slab rows
 SCHEMA_PATH = Path(__file__).with_name("plan.schema.json")
+RANK_SLAB = 64  # singular directions per spectral slab (BitsMoE's kernels tile ranks by 64)
+SPECTRAL_WIDTHS = (0, 1, 2, 3, 4, 6, 8, BASIS_BITS)  # BitsMoE slab widths: 0 drops the ranks, 16 keeps them in fp16
 
 
 class _Strict(BaseModel):
@@ -163,17 +166,22 @@ class Entry(_Strict):
     # With --granularity slab: per-column-run choices covering [0, in_features); bits/group_size
     # then give the widest segment (for tools that read one width per tensor).
     segments: Optional[list[Segment]] = None
+    # Stored as spectral factors in the plan's ``decomposition`` section, which prices them (bits 0, no group).
+    decomposed: bool = False
 
     @property
     def candidate(self) -> Optional[Candidate]:
-        if self.locked:
+        if self.locked or self.decomposed:
             return None
         return Candidate(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, ggml=self.ggml)
 
     @property
     def storage_bits(self) -> int:
+        """Bits this entry stores itself (a decomposed entry's factors and basis are priced by the decomposition)."""
         if self.locked:
             return self.numel * LOCKED_BITS
+        if self.decomposed:
+            return 0
         rows, cols = _as_matrix(self.shape)
         if self.segments:
             return sum(tensor_bits(rows, g.stop - g.start, g.bits, g.group_size, g.symmetric) for g in self.segments)
@@ -184,6 +192,64 @@ class Entry(_Strict):
         if self.segments:
             return [(g.start, g.stop, g.candidate) for g in self.segments]
         return [(0, self.shape[-1], self.candidate)]
+
+
+class FactorSlab(_Strict):
+    """Ranks [start, stop) of a block's expert factors: kept in the shared basis or not, and each expert's width."""
+
+    start: int = Field(ge=0)
+    stop: int = Field(gt=0)
+    basis_kept: bool  # the shared basis stores these ranks (16 bit); required by any expert width > 0
+    widths: list[int]  # per expert (the block's order): one of SPECTRAL_WIDTHS, 0 = dropped
+    energy: list[float]  # per expert: predicted loss increase if these ranks are dropped (nats; report only)
+
+
+class DecomposedBlock(_Strict):
+    """One MoE layer and projection stored as a shared basis plus one factor per expert (BitsMoE).
+
+    ``side`` "input" (gate, up): expert weight W_e [factor_cols, basis_dim] = F_e^T B with the shared basis
+    B [rank, basis_dim] and the factor F_e [rank, factor_cols]; "output" (down): W_e [basis_dim, factor_cols]
+    = B^T F_e. The basis holds the eigenvectors of sum_e routing_share[e] * (W_e^T W_e, resp. W_e W_e^T), so
+    it is rebuilt exactly from the checkpoint and this block (docs/bitsmoe.md).
+    """
+
+    layer: int = Field(ge=0)
+    projection: Literal["gate", "up", "down"]
+    side: Literal["input", "output"]
+    basis: str  # name of the shared basis tensor in a decomposed checkpoint
+    experts: list[str]  # the decomposed entries' tensors, in expert order
+    routing_share: list[float]  # per expert: share of the routed calibration tokens
+    rank: int = Field(gt=0)
+    basis_dim: int = Field(gt=0)
+    factor_cols: int = Field(gt=0)
+    slabs: list[FactorSlab]
+
+    @property
+    def rank_kept(self) -> int:
+        return sum(s.stop - s.start for s in self.slabs if s.basis_kept)
+
+    def expert_bits(self, expert: int, group_size: int, symmetric: bool) -> int:
+        return sum(factor_bits(s.stop - s.start, self.factor_cols, s.widths[expert], group_size, symmetric)
+                   for s in self.slabs)
+
+    def basis_bits(self) -> int:
+        return self.rank_kept * self.basis_dim * BASIS_BITS
+
+
+class Decomposition(_Strict):
+    """Spectral decomposition of MoE experts (``allocate --method bitsmoe``); factors quantized by RTN per row."""
+
+    method: Literal["bitsmoe"] = "bitsmoe"
+    rank_slab: int = Field(gt=0)  # ranks per slab (one width per slab and expert)
+    group_size: int = Field(gt=0)  # factor rows are quantized in groups of this many columns
+    symmetric: bool = False
+    blocks: list[DecomposedBlock]
+
+    @property
+    def storage_bits(self) -> int:
+        """Every block's kept basis ranks at 16 bit plus every expert's factor slabs at their widths."""
+        return sum(b.basis_bits() + sum(b.expert_bits(e, self.group_size, self.symmetric) for e in range(len(b.experts)))
+                   for b in self.blocks)
 
 
 class TieGroup(_Strict):
@@ -269,6 +335,7 @@ class Plan(_Strict):
     scores: Optional[ScoresInfo] = None
     timings: dict[str, float] = Field(default_factory=dict)
     notes: list[str] = Field(default_factory=list)  # e.g. how an older plan was migrated
+    decomposition: Optional[Decomposition] = None  # BitsMoE factors of MoE experts (older plans: none)
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "Plan":
@@ -287,7 +354,10 @@ class Plan(_Strict):
                 raise ValueError(f"{e.tensor}: shape {e.shape} is not a list of positive dimensions")
             if e.numel != math.prod(e.shape):
                 raise ValueError(f"{e.tensor}: numel {e.numel} does not match shape {e.shape}")
-            if e.locked:
+            if e.decomposed:
+                if e.locked or e.bits != 0 or e.group_size is not None or e.segments:
+                    raise ValueError(f"{e.tensor}: a decomposed entry is unlocked, with bits 0, no group size, no segments")
+            elif e.locked:
                 if e.bits != LOCKED_BITS or e.group_size is not None:
                     raise ValueError(f"{e.tensor}: locked entries keep {LOCKED_BITS} bits and no group size")
                 if not e.reason:  # the summary and reports group locked tensors by it
@@ -304,9 +374,10 @@ class Plan(_Strict):
                        for m in g.members}
             if len(choices) > 1:
                 raise ValueError(f"tie group {g.id} members disagree: {sorted(choices, key=str)}")
+        _check_decomposition(self)
         counted = [e for e in self.entries if not e.locked]
         params = sum(e.numel for e in counted)
-        bits = sum(e.storage_bits for e in counted)
+        bits = sum(e.storage_bits for e in counted) + (self.decomposition.storage_bits if self.decomposition else 0)
         if params != self.budget.counted_params:
             raise ValueError(f"budget.counted_params {self.budget.counted_params} != {params} (sum over unlocked entries)")
         if bits > self.budget.target_bits:
@@ -358,7 +429,7 @@ class Plan(_Strict):
 
     def summary(self) -> str:
         """A compact text report: budget, solver, bits histogram per role and per layer."""
-        counted = [e for e in self.entries if not e.locked]
+        counted = [e for e in self.entries if not e.locked and not e.decomposed]
         widths = sorted({e.bits for e in counted})
         b = self.budget
         lines = [
@@ -383,6 +454,14 @@ class Plan(_Strict):
         locked = Counter(e.reason for e in self.entries if e.locked)
         if locked:
             lines += ["", "locked     " + ", ".join(f"{n} {r}" for r, n in sorted(locked.items()))]
+        if self.decomposition:
+            d = self.decomposition
+            lines += ["", f"decomposed ({d.method}, {d.rank_slab} ranks per slab; mean factor bpp per expert)"]
+            for blk in d.blocks:
+                per = [blk.expert_bits(e, d.group_size, d.symmetric) / (blk.rank * blk.factor_cols)
+                       for e in range(len(blk.experts))]
+                lines.append(f"L{blk.layer:<3}{blk.projection:<5} rank kept {blk.rank_kept:>5}/{blk.rank:<5} "
+                             + " ".join(f"{x:5.2f}" for x in per))
         return "\n".join(lines)
 
 
@@ -429,6 +508,46 @@ def _migrate_v1(data: dict) -> dict:
             "entries": [e.model_copy(update={"bpp": e.storage_bits / e.numel}).model_dump(mode="json")
                         if not e.locked else e.model_dump(mode="json") for e in entries],
             "notes": [*notes, note]}
+
+
+def _check_decomposition(plan: Plan) -> None:
+    """Decomposed entries are exactly the decomposition's experts; every block tiles its ranks consistently."""
+    decomposed = {e.tensor for e in plan.entries if e.decomposed}
+    d = plan.decomposition
+    if d is None:
+        if decomposed:
+            raise ValueError(f"{sorted(decomposed)[0]} is marked decomposed, but the plan has no decomposition")
+        return
+    by_name = plan.entry_map()
+    named: list[str] = [t for b in d.blocks for t in b.experts]
+    if len(named) != len(set(named)) or set(named) != decomposed:
+        raise ValueError("decomposition blocks must name each decomposed entry exactly once")
+    for b in d.blocks:
+        where = f"decomposition block layer {b.layer} {b.projection}"
+        if len(b.routing_share) != len(b.experts):
+            raise ValueError(f"{where}: one routing share per expert")
+        for t in b.experts:
+            out_f, in_f = by_name[t].shape[0], by_name[t].shape[-1]
+            dims = (in_f, out_f) if b.side == "input" else (out_f, in_f)
+            if (b.basis_dim, b.factor_cols) != dims or len(by_name[t].shape) != 2:
+                raise ValueError(f"{where}: {t} {by_name[t].shape} does not match basis_dim {b.basis_dim}, "
+                                 f"factor_cols {b.factor_cols}")
+        if b.rank > min(b.basis_dim, b.factor_cols * len(b.experts)):
+            raise ValueError(f"{where}: rank {b.rank} exceeds what the experts span")
+        pos = 0
+        for s in b.slabs:
+            if s.start != pos or s.stop <= s.start:
+                raise ValueError(f"{where}: slabs must tile the ranks in order (gap or overlap at {pos})")
+            if len(s.widths) != len(b.experts) or len(s.energy) != len(b.experts):
+                raise ValueError(f"{where}: slab {s.start}:{s.stop} needs one width and one energy per expert")
+            bad = [w for w in s.widths if w not in SPECTRAL_WIDTHS]
+            if bad:
+                raise ValueError(f"{where}: width {bad[0]} is not one of {list(SPECTRAL_WIDTHS)}")
+            if any(s.widths) and not s.basis_kept:
+                raise ValueError(f"{where}: ranks {s.start}:{s.stop} are used by an expert but not kept in the basis")
+            pos = s.stop
+        if pos != b.rank:
+            raise ValueError(f"{where}: slabs cover {pos} of {b.rank} ranks")
 
 
 def _check_segments(e: Entry, cands: set[str]) -> None:

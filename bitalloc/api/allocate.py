@@ -59,10 +59,18 @@ def compute_scores(model: str | Path, calib: str | Path, calibration: Optional[C
     return _measure(ctx, calib, calibration, track, with_combined=True)
 
 
+def calibration_ids(ctx: ModelContext, calib: str | Path, calibration: CalibrationConfig):
+    """(hashed tokens, [n, seqlen] windows) of the calibration text, as every calibration pass samples them."""
+    from ..model.calib import calibration_windows, tokenize_hashed
+
+    ctx.ckpt.check_seqlen(calibration.seqlen)
+    tokens = tokenize_hashed(ctx.ckpt.path, calib, calibration.tokens)
+    return tokens, calibration_windows(tokens.ids, calibration.tokens, calibration.seqlen, calibration.seed)
+
+
 def _measure(ctx: ModelContext, calib: str | Path, calibration: CalibrationConfig, track: Tracker,
              with_combined: bool) -> ErrorTable:
     from ..model import distributed
-    from ..model.calib import calibration_windows, tokenize_hashed
     from ..model.layerwise import resolve_device, run_workdir
     from ..rounding.config import RoundingConfig
     from ..sensitivity.collect import measure_errors
@@ -70,9 +78,7 @@ def _measure(ctx: ModelContext, calib: str | Path, calibration: CalibrationConfi
     resolve_device(calibration.device)  # a bad device fails before tokenizing
     _, device = distributed.init_from_env(calibration.device)  # under torchrun: join the group, pick this rank's GPU
     with run_workdir(calibration.workdir) as workdir:  # an unusable --workdir fails before tokenizing too
-        ctx.ckpt.check_seqlen(calibration.seqlen)
-        tokens = tokenize_hashed(ctx.ckpt.path, calib, calibration.tokens)
-        windows = calibration_windows(tokens.ids, calibration.tokens, calibration.seqlen, calibration.seed)
+        tokens, windows = calibration_ids(ctx, calib, calibration)
         table = measure_errors(ctx.ckpt, ctx.inv, windows, list(calibration.candidates), device=device,
                                track=track, workdir=workdir, seed=calibration.seed, with_combined=with_combined,
                                rounding=RoundingConfig() if calibration.rounding == "gptq" else None,
@@ -108,6 +114,10 @@ def allocate(model: str | Path, budget: str | float, calib: Optional[str | Path]
         calibration = replace(calibration, imatrix=True)
     ctx = ModelContext.build(model, calibration, solve)
     parsed = parse_budget(budget)
+    if solve.method == "bitsmoe":
+        from .bitsmoe import allocate_bitsmoe
+
+        return allocate_bitsmoe(ctx, parsed, calib, scores, calibration, save_scores, track, t_start)
     problem = ctx.problem(parsed)  # an unreachable budget fails before the (long) calibration pass
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -265,6 +275,8 @@ def frontier(model: str | Path, targets: Sequence[float], calib: Optional[str | 
     from .evaluation import Evaluator
 
     calibration, solve = calibration or CalibrationConfig(), solve or SolveConfig()
+    if solve.method != "per-tensor":
+        raise BitallocError(f"frontier solves per-tensor plans only; run `allocate --method {solve.method}` per budget")
     ctx = ModelContext.build(model, calibration, solve)
     targets = list(targets)
     table = _table(ctx, calib, scores, calibration, solve, track)

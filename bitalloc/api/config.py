@@ -19,10 +19,11 @@ from ..allocator.ilp import DEFAULT_TIME_LIMIT_S
 from ..allocator.units import GRANULARITIES
 from ..errors import BitallocError, CalibrationError, ConstraintError
 from ..model.calib import CALIB_SEQLEN, CALIB_TOKENS
-from ..plan import DEFAULT_CANDIDATES, GGML_CANDIDATES, GGML_CODES, SLAB_WIDTH, Candidate, ggml_candidate
+from ..plan import DEFAULT_CANDIDATES, GGML_CANDIDATES, GGML_CODES, RANK_SLAB, SLAB_WIDTH, Candidate, ggml_candidate
 from ..sensitivity.table import DEFAULT_SCORE
 
 
+METHODS = ("per-tensor", "bitsmoe")  # how MoE experts are allocated: whole tensors, or BitsMoE spectral slabs
 ROUNDINGS = ("rtn", "gptq")  # the weight errors a table can predict (docs/sensitivity.md, rounding-aware plans)
 # What the plan is for: a compressed-tensors checkpoint (bits + groups) or llama.cpp (ggml types, GGUF bytes;
 # token embedding and output quantized by default, as llama-quantize does). Each target's default candidates:
@@ -108,7 +109,8 @@ class SolveConfig:
     ``solver``: auto | ilp | lagrangian | closed-form | greedy; ``score``: the predictor minimised;
     ``granularity``: tensor | expert | slab; ``constraints``: pins and bit bounds; ``time_table``
     (seconds per parameter of each candidate id) with ``time_budget`` adds a kernel-time constraint;
-    ``time_limit_s`` bounds CP-SAT (the plan reports the gap if it is hit).
+    ``time_limit_s`` bounds CP-SAT (the plan reports the gap if it is hit). ``method`` "bitsmoe" stores MoE
+    experts as a shared basis plus factors whose slabs of ``rank_slab`` ranks get widths (docs/bitsmoe.md).
     """
 
     solver: str = "auto"
@@ -118,8 +120,14 @@ class SolveConfig:
     time_table: Optional[Mapping[str, float]] = None
     time_budget: Optional[float] = None
     time_limit_s: float = DEFAULT_TIME_LIMIT_S
+    method: str = "per-tensor"
+    rank_slab: int = RANK_SLAB
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConstraintError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if isinstance(self.rank_slab, bool) or not isinstance(self.rank_slab, int) or self.rank_slab < 1:
+            raise ConstraintError(f"rank slab {self.rank_slab!r} must be a positive number of ranks")
         if self.solver not in SOLVERS:
             raise ConstraintError(f"unknown solver {self.solver!r}; choose one of {', '.join(SOLVERS)}")
         if self.granularity not in GRANULARITIES:

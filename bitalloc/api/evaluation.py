@@ -23,9 +23,10 @@ from ..errors import CalibrationError, CheckpointError, PlanError
 from ..model.calib import EVAL_SEQLEN, EVAL_TOKENS, eval_windows, tokenize
 from ..model.checkpoint import Checkpoint
 from ..model.inventory import Unit, build_inventory
-from ..model.layerwise import LayerwiseModel, resolve_device, unit_view
-from ..plan import SLAB_WIDTH, Plan, Role
+from ..model.layerwise import EXPERT_ROLES, LayerwiseModel, resolve_device, unit_view
+from ..plan import SLAB_WIDTH, Decomposition, DecomposedBlock, Plan, Role
 from ..progress import SILENT, Tracker
+from ..rounding.lowrank import apply_block
 from ..rounding.rtn import Runs, fake_quantize
 from .config import check_candidate, check_count
 
@@ -46,7 +47,7 @@ def quantization_map(ckpt: Checkpoint, plan: Optional[Plan], bits: Optional[int]
     """Which units to fake-quantize with which candidate(s): from a plan, uniformly, or none (fp)."""
     if plan is not None:
         units = check_plan_matches(plan, ckpt)
-        return {e.tensor: (units[e.tensor], e.column_choices()) for e in plan.entries if not e.locked}
+        return {e.tensor: (units[e.tensor], e.column_choices()) for e in plan.entries if not e.locked and not e.decomposed}
     if bits is None:
         return {}
     cand = check_candidate(bits, group_size)
@@ -78,6 +79,11 @@ def check_plan_matches(plan: Plan, ckpt: Checkpoint) -> dict[str, Unit]:
             raise PlanError(f"the plan says {e.tensor} is {e.role.value} {e.shape}; the checkpoint has "
                             f"{u.role.value} {list(u.shape)}: the plan was edited or made for other weights")
         if e.locked:
+            continue
+        if e.decomposed:
+            if u.role not in EXPERT_ROLES:
+                raise PlanError(f"the plan decomposes {e.tensor}, a {u.role.value} tensor; only MoE experts are "
+                                "decomposed")
             continue
         if u.role in _NOT_QUANTIZABLE:
             raise PlanError(f"the plan quantizes {e.tensor}, a {u.role.value} tensor that stays at 16 bit; "
@@ -114,8 +120,9 @@ class Evaluator:
         t0 = time.perf_counter()
         qmap = quantization_map(self.ckpt, plan, bits, group_size)
         label = "plan" if plan is not None else (f"uniform {bits}-bit g{group_size}" if bits else "unquantized")
-        loss = check_finite_loss(_mean_loss(LayerwiseModel(self.ckpt, self.device), self.ids, qmap, label, track),
-                                 f"{label} of {self.ckpt.path}")
+        decomposition = plan.decomposition if plan is not None else None
+        loss = check_finite_loss(_mean_loss(LayerwiseModel(self.ckpt, self.device), self.ids, qmap, label, track,
+                                            decomposition), f"{label} of {self.ckpt.path}")
         return EvalResult(math.exp(loss), loss, int(self.ids.numel()), time.perf_counter() - t0, label)
 
 
@@ -132,9 +139,15 @@ def check_finite_loss(loss: float, what: str) -> float:
 
 
 def _mean_loss(lm: LayerwiseModel, ids: torch.Tensor, qmap: dict[str, tuple[Unit, Runs]], label: str,
-               track: Tracker) -> float:
-    """Mean next-token cross-entropy of ``ids`` with the units of ``qmap`` fake-quantized, one layer at a time."""
+               track: Tracker, decomposition: Optional[Decomposition] = None) -> float:
+    """Mean next-token cross-entropy of ``ids`` with the units of ``qmap`` fake-quantized and the experts of
+    ``decomposition`` replaced by their reconstruction (quantized factors times the 16-bit basis), one layer
+    at a time."""
     ids = ids.to(lm.device)
+    blocks: dict[int, list[DecomposedBlock]] = {}
+    for blk in decomposition.blocks if decomposition is not None else []:
+        blocks.setdefault(blk.layer, []).append(blk)
+    experts = {u.tensor: u for u in build_inventory(lm.ckpt).quantized} if blocks else {}
     by_layer: dict[Optional[int], list[tuple[Unit, Runs]]] = {}
     for u, c in qmap.values():
         by_layer.setdefault(u.layer, []).append((u, c))
@@ -157,6 +170,10 @@ def _mean_loss(lm: LayerwiseModel, ids: torch.Tensor, qmap: dict[str, tuple[Unit
             for u, runs in by_layer.get(i, []):
                 view = unit_view(layer, u)
                 view.copy_(fake_quantize(view, runs))
+            for blk in blocks.get(i, []):
+                views = [unit_view(layer, experts[t]) for t in blk.experts]
+                for view, w in zip(views, apply_block(views, blk, decomposition)):
+                    view.copy_(w)
             lm.run_layer_batched(layer, h, h, EVAL_BATCH)
             lm.release_layer(i)
             task.advance()

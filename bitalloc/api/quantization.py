@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..errors import BitallocError, CalibrationError
+from ..errors import BitallocError, CalibrationError, PlanError
 from ..model.calib import (
     EVAL_SEQLEN,
     EVAL_TOKENS,
@@ -56,6 +56,9 @@ def quantize(model: str | Path | Checkpoint, plan: Plan | str | Path, method: st
     if method not in METHODS:
         raise BitallocError(f"unknown rounding method {method!r}; choose one of {', '.join(METHODS)}")
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    if plan.decomposition is not None:
+        raise PlanError("this plan stores MoE experts as BitsMoE factors (its decomposition section); `bitalloc "
+                        "quantize` writes per-tensor plans only: evaluate it with `bitalloc eval MODEL --plan`")
     ckpt = model if isinstance(model, Checkpoint) else Checkpoint(model)
     check_plan_matches(plan, ckpt)
     preflight(ckpt, plan, out, overwrite)  # segments, partial groups, an existing OUT: refused before calibrating

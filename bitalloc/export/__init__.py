@@ -59,6 +59,10 @@ def export_plan(plan: Plan, fmt: str) -> Exported:
     exporter = EXPORTERS.get(fmt)
     if exporter is None:
         raise PlanError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if plan.decomposition is not None:
+        raise PlanError(f"{fmt} cannot express this plan: it stores MoE experts as a shared spectral basis plus "
+                        f"quantized factors ({plan.decomposition.method} decomposition section), which {fmt} has no "
+                        "format for; export a per-tensor plan (allocate without --method bitsmoe)")
     return exporter(plan)
 
 

@@ -10,12 +10,16 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..plan import Plan, Role
+from .decomposition import decomposition_png
 
 _ROLE_ORDER = [r.value for r in Role]
 
 
 def render(plan: Plan) -> bytes:
-    """PNG bytes; drawn on a private Figure, so matplotlib's global backend is left alone."""
+    """PNG bytes; drawn on a private Figure, so matplotlib's global backend is left alone. A BitsMoE plan
+    is drawn as its per-layer decomposition report (``decomposition.py``)."""
+    if plan.decomposition is not None:
+        return decomposition_png(plan)
     entries = [e for e in plan.entries if not e.locked and e.layer is not None]
     layers = sorted({e.layer for e in entries})
     experts = sorted({e.expert for e in entries if e.expert is not None})

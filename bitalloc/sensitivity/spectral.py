@@ -19,11 +19,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..plan import RANK_SLAB
 from .base import FamilyOutput, UnitContext, scaled_noise, singular_energies, spectrum_stats
 
 PREDICTORS = {"spectral": "E * ||dW||^2 / ||W||^2, E = sum of squared singular values of W H^(1/2) / sqrt(T)"}
 TOP_FRACTION = 0.125
-RANK_SLAB = 64  # singular values per spectral unit (BitsMoE regroups ranks in slabs of 64)
 DAMP = 1e-6  # relative diagonal damping of H before its Cholesky factorisation
 
 
