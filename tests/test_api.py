@@ -157,9 +157,10 @@ def test_every_allocate_option_exists_on_frontier_and_scores_shares_the_calibrat
     from bitalloc.cli import allocate_cmd, frontier_cmd, scores_cmd
 
     params = {f.__name__: inspect.signature(f).parameters for f in (allocate_cmd, frontier_cmd, scores_cmd)}
-    allocate = set(params["allocate_cmd"]) - {"budget", "save_scores"}
+    allocate = set(params["allocate_cmd"]) - {"budget", "save_scores", "imatrix"}  # outputs only allocate writes
     assert allocate <= set(params["frontier_cmd"]), allocate - set(params["frontier_cmd"])
-    calibration = {f.name for f in dataclasses.fields(CalibrationConfig)} - {"tokens"} | {"calib_tokens"}
+    # the imatrix flag is set by `--imatrix FILE` of scores/allocate, not by a calibration option
+    calibration = {f.name for f in dataclasses.fields(CalibrationConfig)} - {"tokens", "imatrix"} | {"calib_tokens"}
     assert calibration <= set(params["scores_cmd"])
     for name in calibration:  # declared once: the same default and help everywhere
         assert len({(p[name].annotation.__metadata__[0].help, p[name].default) for p in params.values()}) == 1, name
