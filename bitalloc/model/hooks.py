@@ -35,6 +35,7 @@ class InputStats:
     def __init__(self, layer: nn.Module, units: list[Unit]):
         self.key = {u.tensor: input_key(u) for u in units}
         self._h: dict[str, torch.Tensor] = {}
+        self._h32: dict[str, torch.Tensor] = {}  # fp32 copies handed out (see hessian)
         self._tokens: dict[str, int] = defaultdict(int)
         self.hooks = []
         self._finished = False
@@ -54,18 +55,30 @@ class InputStats:
             self.hooks.append(experts.register_forward_hook(self._experts_hook(experts, expert_units)))
 
     def hessian(self, tensor: str) -> Optional[torch.Tensor]:
-        return self._h.get(self.key[tensor])
+        """H of the tensor's input in fp32 (accumulated in fp64, see :meth:`add`)."""
+        key = self.key[tensor]
+        if key not in self._h32 and key in self._h:
+            self._h32[key] = self._h[key].float()
+        return self._h32.get(key)
 
     def tokens(self, tensor: str) -> int:
         return self._tokens[self.key[tensor]]
 
     def add(self, key: str, x: torch.Tensor) -> None:
+        """Add one batch's x^T x (computed in fp32) to an fp64 sum.
+
+        Why fp64: the order of the sum depends on how sequences are batched and on how many processes
+        share them (``model.distributed``); in fp32 the last bits of H then differ, and GPTQ's rounding
+        decisions (BAQ's column losses) amplify that to 1e-4. Summed in fp64 and rounded once, H is the
+        same fp32 matrix however the sequences were split.
+        """
         x = x.detach().reshape(-1, x.shape[-1]).float()
-        h = x.T @ x
+        h = (x.T @ x).double()
         if key in self._h:
             self._h[key] += h
         else:
             self._h[key] = h
+        self._h32.pop(key, None)
         self._tokens[key] += x.shape[0]
 
     def _linear_hook(self, key: str):
@@ -116,7 +129,8 @@ class InputStats:
         for key in keys:
             h = self._h.get(key)
             if h is None:
-                h = self._h[key] = torch.zeros(dims[key], dims[key], device=self.device)
+                h = self._h[key] = torch.zeros(dims[key], dims[key], device=self.device, dtype=torch.float64)
             group.sum_(h)
+            self._h32.pop(key, None)
         for key, n in zip(keys, group.sum_float(*(self._tokens[k] for k in keys))):
             self._tokens[key] = int(n)

@@ -268,7 +268,7 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
         head_w.requires_grad_(head_unit is not None)
         head_h = None
         if head_unit is not None:
-            head_h = group.sum_(_head_inputs(lm, stream.top, norm_w))
+            head_h = group.sum_(_head_inputs(lm, stream.top, norm_w)).float()
         head_stats = _grad_stats(head_w.detach(), candidates, n_seq, head_unit,
                                  importance=_mean_square(head_h, n_seq * seqlen) if imatrix else None) \
             if head_unit is not None else None
@@ -474,12 +474,13 @@ def _grad_stats(w: torch.Tensor, candidates: list[Candidate], n_seq: int, unit: 
 
 
 def _head_inputs(lm: LayerwiseModel, top: torch.Tensor, norm_w: torch.Tensor) -> torch.Tensor:
-    """H = sum x^T x of the lm_head's inputs (the final norm of the top layer's outputs, [n_seq, seqlen, d])."""
-    h = torch.zeros(norm_w.shape[0], norm_w.shape[0], device=lm.device)
+    """H = sum x^T x of the lm_head's inputs (the final norm of the top layer's outputs, [n_seq, seqlen, d]),
+    summed in fp64 like every other H (``InputStats.add``), returned in fp32 once summed over ranks."""
+    h = torch.zeros(norm_w.shape[0], norm_w.shape[0], device=lm.device, dtype=torch.float64)
     with torch.no_grad():
         for s in range(top.shape[0]):
             xn = lm.final_norm(top[s], norm_w)
-            h += xn.T @ xn
+            h += (xn.T @ xn).double()
     return h
 
 
