@@ -16,10 +16,6 @@ partly masked last tile; one program per block elsewhere keeps the interpreter's
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -33,10 +29,11 @@ from bitalloc.rounding.gptq import (
 )
 from bitalloc.rounding.rtn import group_view, rtn_params
 
+from .interpreter import INTERPRETING, fix_numpy_scalars, run_interpreted
+
 ROWS = 33
 DEAD = -3  # a dead input column
 CONSTANT_ROWS = (0.375, 0.0, -0.3125)  # fp16-exact values, kept exactly by constant groups
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 interpreted = pytest.mark.skipif(not INTERPRETING, reason="run in a fresh TRITON_INTERPRET=1 process "
                                  "by test_gptq_kernel_under_the_triton_interpreter")
 
@@ -134,19 +131,11 @@ def test_forcing_the_kernel_on_a_configuration_it_does_not_compute_is_refused():
 # --- the kernel under the interpreter ----------------------------------------------------------
 
 def test_gptq_kernel_under_the_triton_interpreter():
-    if INTERPRETING:
-        pytest.skip("this process is the interpreter run")
-    pytest.importorskip("triton", reason="triton is not installed: the kernel tests need it")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "-k", "interpreted"], env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-    assert " passed" in run.stdout and " failed" not in run.stdout and " skipped" not in run.stdout
+    run_interpreted(__file__)
 
 
 @pytest.fixture
 def interpreter() -> None:
-    from tests.interpreter import fix_numpy_scalars
 
     fix_numpy_scalars()
 

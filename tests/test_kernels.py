@@ -13,11 +13,6 @@ the GPU (``benchmarks/kernels.py --check``).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
-import numpy as np
 import pytest
 import torch
 
@@ -25,6 +20,8 @@ from bitalloc.kernels import reference
 from bitalloc.kernels.codes import Codes
 from bitalloc.kernels.layout import TILE, repack, unrepack
 from bitalloc.kernels.quant_linear import QuantLinear
+
+from .interpreter import INTERPRETING, fix_numpy_scalars, run_interpreted
 
 WIDTHS = (2, 3, 4, 8)
 GROUPS = (32, 64, 128)
@@ -134,35 +131,17 @@ def test_codes_out_of_range_are_refused():
 
 # --- Triton kernels under the interpreter -------------------------------------------------------
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 interpreted = pytest.mark.skipif(not INTERPRETING, reason="run in a fresh TRITON_INTERPRET=1 process "
                                  "by test_kernels_under_the_triton_interpreter")
 
 
 def test_kernels_under_the_triton_interpreter():
-    if INTERPRETING:
-        pytest.skip("this process is the interpreter run")
-    pytest.importorskip("triton", reason="triton is not installed: the kernel tests need it")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "-k", "interpreted"], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-    assert " passed" in run.stdout and " failed" not in run.stdout
+    run_interpreted(__file__)
 
 
 def _kernels():
     """The kernel modules (this process runs with TRITON_INTERPRET=1 from its start)."""
-    from triton.runtime import interpreter
-
-    if np.lib.NumpyVersion(np.__version__) >= "2.4.0" and not hasattr(interpreter, "_bitalloc_fix"):
-        patch = interpreter._patch_lang_tensor  # triton-lang/triton#9171: int() of 1-element arrays
-
-        def patched(tensor, scope):
-            patch(tensor, scope)
-            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-        interpreter._patch_lang_tensor = patched
-        interpreter._bitalloc_fix = True
+    fix_numpy_scalars()
     from bitalloc.kernels import dispatch, triton_gemm, triton_gemv
 
     return triton_gemv, triton_gemm, dispatch

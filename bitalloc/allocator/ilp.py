@@ -73,13 +73,7 @@ def solve_ilp(problem: Problem, time_limit_s: float = DEFAULT_TIME_LIMIT_S, seed
         for c in np.flatnonzero(keep[g]):
             model.add_hint(x[g, int(c)], int(c) == incumbent[g])
     # ---- Solve ---------------------------------------------------------------------------
-    solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = time_limit_s
-    solver.parameters.num_workers = min(8, os.cpu_count() or 1)
-    solver.parameters.random_seed = seed
-    status = solver.solve(model)
-    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        raise BudgetError(f"no assignment satisfies the budget and constraints ({solver.status_name(status).lower()})")
+    solver, status = run_cp_sat(model, time_limit_s, seed, "assignment satisfies the budget and constraints")
     choice = np.array([next(c for c in np.flatnonzero(keep[g]) if solver.value(x[g, int(c)])) for g in range(G)],
                       dtype=np.int64)
     objective = problem.objective(choice)
@@ -87,3 +81,19 @@ def solve_ilp(problem: Problem, time_limit_s: float = DEFAULT_TIME_LIMIT_S, seed
     return Assignment(choice=choice, solver="ilp-cpsat", status=solver.status_name(status).lower(),
                       objective=objective, bound=min(bound, objective), seconds=time.perf_counter() - t0,
                       objective_scale=scale)
+
+
+def run_cp_sat(model: "cp_model.CpModel", time_limit_s: float, seed: int, what: str) -> tuple["cp_model.CpSolver", int]:
+    """Solve ``model`` with the project's CP-SAT settings (time limit, up to 8 workers, seeded).
+
+    Returns the solver and its status (optimal or feasible); otherwise raises :class:`BudgetError` saying
+    that no ``what`` (e.g. "assignment satisfies the budget") exists within the limit.
+    """
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = time_limit_s
+    solver.parameters.num_workers = min(8, os.cpu_count() or 1)
+    solver.parameters.random_seed = seed
+    status = solver.solve(model)
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        raise BudgetError(f"no {what} ({solver.status_name(status).lower()})")
+    return solver, status

@@ -15,7 +15,6 @@ scaled to integers as in ``ilp.py`` (the scale is reported).
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -24,7 +23,7 @@ from ortools.sat.python import cp_model
 
 from ..budget import Budget
 from ..errors import BudgetError
-from .ilp import OBJECTIVE_RANGE
+from .ilp import OBJECTIVE_RANGE, run_cp_sat
 from .problem import Assignment
 
 
@@ -97,13 +96,7 @@ def solve_linked(problem: LinkedProblem, time_limit_s: float, seed: int = 0) -> 
     # ---- Objective -----------------------------------------------------------------------
     model.minimize(cp_model.LinearExpr.weighted_sum(variables, [int(icost[k]) for k in keys]))
     # ---- Solve ---------------------------------------------------------------------------
-    solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = time_limit_s
-    solver.parameters.num_workers = min(8, os.cpu_count() or 1)
-    solver.parameters.random_seed = seed
-    status = solver.solve(model)
-    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        raise BudgetError(f"no decomposed assignment satisfies the budget ({solver.status_name(status).lower()})")
+    solver, status = run_cp_sat(model, time_limit_s, seed, "decomposed assignment satisfies the budget")
     choice = np.array([next(int(c) for c in np.flatnonzero(problem.allowed[g]) if solver.value(x[g, int(c)]))
                        for g in range(G)], dtype=np.int64)
     objective = problem.objective(choice)
