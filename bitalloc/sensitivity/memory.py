@@ -7,8 +7,9 @@ The pass holds one decoder layer at a time, so its device memory does not grow w
                                         Fisher and mean accumulators, and C candidate errors dW_c;
                                         capped at collect.STATS_BUDGET by sweeping the layer's
                                         backward once per group of units (``collect.stat_groups``)
-    H            4 sum_g in_g^2         one input second moment per distinct input (q/k/v share one,
-                                        gate/up share one; per expert for MoE)
+    H            12 sum_g in_g^2        one input second moment per distinct input (q/k/v share one,
+                                        gate/up share one; per expert for MoE), summed in fp64 and
+                                        handed out as an fp32 copy (``model.hooks.InputStats``)
     head         4 V d (x2 with lm_head counted)
     logits       8 seqlen V             one sequence's logits and their softmax (the loss is taken one
                                         sequence at a time)
@@ -75,7 +76,7 @@ def pass_memory(config: dict, n_seq: int, seqlen: int, n_candidates: int, lm_hea
     layers = config["num_hidden_layers"]
     k = max(1, math.ceil(math.sqrt(layers)))
     states = 4 * n_seq * seqlen * d
-    return PassMemory(weights=4 * params, gradients=4 * quantized * (3 + n_candidates), hessians=4 * inputs,
+    return PassMemory(weights=4 * params, gradients=4 * quantized * (3 + n_candidates), hessians=12 * inputs,
                       head=4 * vocab * d * (2 if lm_head else 1), logits=8 * seqlen * vocab, hidden=3 * states,
                       disk=states * (math.ceil(layers / k) + min(k, layers) - 1))
 
