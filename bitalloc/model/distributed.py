@@ -8,7 +8,8 @@ sequences that the measured sample of ``combined`` uses are spread too), adds up
 sequences (H, token counts, gradient statistics, losses) with all-reduce, and splits the per-unit
 score families between ranks (unit k on rank k mod N), gathering their answers everywhere. Rank 0
 alone writes files and shows progress. Sums taken in another order differ in the last bits, so a
-table matches the single-process one to about 1e-6 relative, not bit for bit.
+table matches the single-process one to about 1e-7 relative, not bit for bit (H is summed in fp64 and comes out
+the same; BAQ's GPTQ decisions still flip with last-bit differences elsewhere, about 1e-4 at most).
 
 Failure handling is torchrun's: a rank that raises prints its one-line error and exits non-zero,
 and torchrun then stops the others. Nothing here starts or watches processes.
