@@ -6,7 +6,7 @@
 Runs the CLI exactly as a user would (``bitalloc scores`` and ``torchrun --nproc-per-node N -m bitalloc.cli
 scores``), then prints one JSON line: wall seconds of each, the per-phase timings each table records, the peak
 RSS of each run's processes (largest single process), and the largest relative difference per score
-(``scale.py compare``'s measure).
+(``sensitivity.table.max_relative_difference``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bitalloc.sensitivity.table import ErrorTable
+from bitalloc.sensitivity.table import ErrorTable, max_relative_difference
 
 
 def timed(cmd: list[str]) -> tuple[float, float]:
@@ -51,8 +51,7 @@ def main() -> None:
         wall_many, rss_many = timed([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
                                      str(args.nproc), "-m", "bitalloc.cli", *common, "-o", str(many)])
         a, b = ErrorTable.load(one), ErrorTable.load(many)
-        diff = {k: float((np.abs(a.scores[k] - b.scores[k]) / np.maximum(np.abs(a.scores[k]).max(0), 1e-300)).max())
-                for k in sorted(a.scores)}
+        diff = max_relative_difference(a, b)
         print(json.dumps({"model": Path(args.model).name, "tokens": args.tokens, "nproc": args.nproc,
                           "wall_s_one": round(wall_one, 1), f"wall_s_{args.nproc}": round(wall_many, 1),
                           "phases_one": {k: round(v, 1) for k, v in a.meta["timings"].items()},

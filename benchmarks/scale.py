@@ -127,15 +127,9 @@ def run(model: Path, tokens: int, seqlen: int, device: str, save: Path | None, s
 
 def compare(a: Path, b: Path) -> None:
     """Largest relative difference per score between two tables of the same model and candidates."""
-    from bitalloc.sensitivity.table import ErrorTable
+    from bitalloc.sensitivity.table import ErrorTable, max_relative_difference
 
-    ta, tb = ErrorTable.load(a), ErrorTable.load(b)
-    out = {}
-    for name in sorted(set(ta.scores) & set(tb.scores)):
-        x, y = ta.scores[name], tb.scores[name]
-        scale = np.maximum(np.abs(x).max(axis=0, keepdims=True), 1e-300)  # relative to each candidate's largest
-        out[name] = float((np.abs(x - y) / scale).max())
-    print(json.dumps({"max_rel_diff": out}))
+    print(json.dumps({"max_rel_diff": max_relative_difference(ErrorTable.load(a), ErrorTable.load(b))}))
 
 
 def main() -> None:

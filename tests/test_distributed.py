@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bitalloc.sensitivity.table import ErrorTable
+from bitalloc.sensitivity.table import ErrorTable, max_relative_difference
 
 ARGS = ("--calib-tokens", "768", "--seqlen", "128", "--device", "cpu", "-q")
 
@@ -38,15 +38,6 @@ def _torchrun(nproc: int, *args: str) -> list[str]:
             "--master-port", str(_free_port()), "-m", "bitalloc.cli", *args]
 
 
-def _max_rel(a: ErrorTable, b: ErrorTable) -> dict[str, float]:
-    assert a.tensors == b.tensors and sorted(a.scores) == sorted(b.scores)
-    out = {}
-    for name in a.scores:
-        x, y = a.scores[name], b.scores[name]
-        out[name] = float((np.abs(x - y) / np.maximum(np.abs(x).max(0, keepdims=True), 1e-300)).max())
-    return out
-
-
 @pytest.mark.parametrize("model", ["tiny_llama", "tiny_moe"])
 def test_two_gloo_ranks_give_the_single_process_table(model, calib_file, tmp_path, request):
     path = request.getfixturevalue(model)
@@ -58,7 +49,8 @@ def test_two_gloo_ranks_give_the_single_process_table(model, calib_file, tmp_pat
                         capture_output=True, text=True, timeout=600)
     assert r2.returncode == 0, r2.stderr[-3000:]
     a, b = ErrorTable.load(one), ErrorTable.load(two)
-    diffs = _max_rel(a, b)
+    assert a.tensors == b.tensors and sorted(a.scores) == sorted(b.scores)
+    diffs = max_relative_difference(a, b)
     assert max(diffs.values()) < 1e-4, diffs
     assert not np.array_equal(a.tokens, np.zeros_like(a.tokens))
     np.testing.assert_array_equal(a.tokens, b.tokens)  # routed-token counts add up exactly

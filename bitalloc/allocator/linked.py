@@ -24,7 +24,7 @@ from ortools.sat.python import cp_model
 from ..budget import Budget
 from ..errors import BudgetError
 from .ilp import OBJECTIVE_RANGE, run_cp_sat
-from .problem import Assignment
+from .problem import Assignment, budget_bits_within
 
 
 @dataclass
@@ -56,18 +56,9 @@ class LinkedProblem:
 
     def with_budget(self, budget: Budget) -> "LinkedProblem":
         """The problem under ``budget``; refuses one below the cheapest or above the richest allowed storage."""
-        target = budget.total_bits(self.counted_params)
-        lo = int(np.where(self.allowed, self.bits, np.iinfo(np.int64).max).min(1).sum())
-        hi = int(np.where(self.allowed, self.bits, -1).max(1).sum())
-        bpp = target / self.counted_params
-        if target < lo:
-            raise BudgetError(f"budget {budget.text} ({bpp:.4f} bpp) is below the cheapest decomposed assignment "
-                              f"({lo / self.counted_params:.4f} bpp); raise the budget")
-        if target > hi + self.counted_params * 1e-6:
-            raise BudgetError(f"budget {budget.text} ({bpp:.4f} bpp) is above the richest decomposed assignment "
-                              f"({hi / self.counted_params:.4f} bpp); lower it")
-        return LinkedProblem(self.names, self.cost, self.bits, self.allowed, self.counted_params, self.links,
-                             min(target, hi))
+        target = budget_bits_within(self.allowed, self.bits, self.counted_params, budget, "decomposed assignment",
+                                    "raise the budget", "lower it")
+        return LinkedProblem(self.names, self.cost, self.bits, self.allowed, self.counted_params, self.links, target)
 
 
 def solve_linked(problem: LinkedProblem, time_limit_s: float, seed: int = 0) -> Assignment:

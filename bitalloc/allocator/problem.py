@@ -75,17 +75,9 @@ class Problem:
 
     def with_budget(self, budget: Budget) -> "Problem":
         """The same problem under ``budget``; refuses a budget outside what the allowed candidates reach."""
-        params = self.counted_params
-        budget_bits = budget.total_bits(params)
-        lo = int(np.where(self.allowed, self.bits, np.iinfo(np.int64).max).min(1).sum())
-        hi = int(np.where(self.allowed, self.bits, -1).max(1).sum())
-        if budget_bits < lo:
-            raise BudgetError(f"budget {budget.text} ({budget_bits / params:.4f} bpp) is below the cheapest assignment "
-                              f"allowed ({lo / params:.4f} bpp); raise the budget, add cheaper candidates or relax pins")
-        if budget_bits > hi + params * 1e-6:
-            raise BudgetError(f"budget {budget.text} ({budget_bits / params:.4f} bpp) is above the richest assignment "
-                              f"allowed ({hi / params:.4f} bpp); lower it or add richer candidates")
-        return replace(self, budget_bits=min(budget_bits, hi))
+        return replace(self, budget_bits=budget_bits_within(
+            self.allowed, self.bits, self.counted_params, budget, "assignment allowed",
+            "raise the budget, add cheaper candidates or relax pins", "lower it or add richer candidates"))
 
     def cheapest(self) -> np.ndarray:
         """Per group, the allowed candidate with the least storage."""
@@ -166,3 +158,23 @@ def build_problem(unit_names: Sequence[str], shapes: Sequence[Sequence[int]], er
     unit_errors = np.zeros((len(unit_names), C)) if errors is None else np.asarray(errors, dtype=np.float64)[:, order]
     problem = structure.with_errors(unit_errors)
     return problem if budget is None else problem.with_budget(budget)
+
+
+def budget_bits_within(allowed: np.ndarray, bits: np.ndarray, params: int, budget: Budget, what: str,
+                       raise_hint: str, lower_hint: str) -> int:
+    """``budget`` in bits for ``params`` counted parameters, checked against the cheapest and richest
+    storage the ``allowed`` [G, C] choices of ``bits`` reach (and capped at the richest).
+
+    A budget outside that range is a :class:`BudgetError` naming both in bpp, the kind of assignment
+    (``what``) and the fix (``raise_hint`` / ``lower_hint``).
+    """
+    budget_bits = budget.total_bits(params)
+    lo = int(np.where(allowed, bits, np.iinfo(np.int64).max).min(1).sum())
+    hi = int(np.where(allowed, bits, -1).max(1).sum())
+    if budget_bits < lo:
+        raise BudgetError(f"budget {budget.text} ({budget_bits / params:.4f} bpp) is below the cheapest {what} "
+                          f"({lo / params:.4f} bpp); {raise_hint}")
+    if budget_bits > hi + params * 1e-6:
+        raise BudgetError(f"budget {budget.text} ({budget_bits / params:.4f} bpp) is above the richest {what} "
+                          f"({hi / params:.4f} bpp); {lower_hint}")
+    return min(budget_bits, hi)

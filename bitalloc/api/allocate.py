@@ -21,7 +21,7 @@ import warnings
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from .. import __version__
 from ..allocator import Assignment, Problem, solve as run_solver
@@ -36,6 +36,9 @@ from ..progress import SILENT, Tracker
 from ..sensitivity.table import ErrorTable
 from .config import CalibrationConfig, SolveConfig
 from .context import ModelContext
+
+if TYPE_CHECKING:
+    from ..model.checkpoint import Checkpoint
 
 GRADIENT_MIN_SEQUENCES = 32
 
@@ -59,12 +62,12 @@ def compute_scores(model: str | Path, calib: str | Path, calibration: Optional[C
     return _measure(ctx, calib, calibration, track, with_combined=True)
 
 
-def calibration_ids(ctx: ModelContext, calib: str | Path, calibration: CalibrationConfig):
+def calibration_ids(ckpt: "Checkpoint", calib: str | Path, calibration: CalibrationConfig):
     """(hashed tokens, [n, seqlen] windows) of the calibration text, as every calibration pass samples them."""
     from ..model.calib import calibration_windows, tokenize_hashed
 
-    ctx.ckpt.check_seqlen(calibration.seqlen)
-    tokens = tokenize_hashed(ctx.ckpt.path, calib, calibration.tokens)
+    ckpt.check_seqlen(calibration.seqlen)
+    tokens = tokenize_hashed(ckpt.path, calib, calibration.tokens)
     return tokens, calibration_windows(tokens.ids, calibration.tokens, calibration.seqlen, calibration.seed)
 
 
@@ -78,7 +81,7 @@ def _measure(ctx: ModelContext, calib: str | Path, calibration: CalibrationConfi
     resolve_device(calibration.device)  # a bad device fails before tokenizing
     _, device = distributed.init_from_env(calibration.device)  # under torchrun: join the group, pick this rank's GPU
     with run_workdir(calibration.workdir) as workdir:  # an unusable --workdir fails before tokenizing too
-        tokens, windows = calibration_ids(ctx, calib, calibration)
+        tokens, windows = calibration_ids(ctx.ckpt, calib, calibration)
         table = measure_errors(ctx.ckpt, ctx.inv, windows, list(calibration.candidates), device=device,
                                track=track, workdir=workdir, seed=calibration.seed, with_combined=with_combined,
                                rounding=RoundingConfig() if calibration.rounding == "gptq" else None,

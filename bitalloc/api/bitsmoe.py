@@ -69,7 +69,7 @@ def allocate_bitsmoe(ctx: ModelContext, budget: Budget, calib: Optional[str | Pa
             table.save(save_scores)
     t0 = time.perf_counter()
     with run_workdir(calibration.workdir) as workdir:
-        _, windows = calibration_ids(ctx, calib, calibration)
+        _, windows = calibration_ids(ctx.ckpt, calib, calibration)
         spectral, spectral_times = measure_spectral(ctx.ckpt, blocks, windows, ctx.candidates, SPECTRAL_WIDTHS,
                                                     solve.rank_slab, FACTOR_GROUP, FACTOR_SYMMETRIC,
                                                     calibration.device, track, workdir)
@@ -133,7 +133,7 @@ def _check_supported(ctx: ModelContext, calib: Optional[str | Path], has_experts
     if s.granularity != "tensor" or s.solver not in ("auto", "ilp") or s.time_budget is not None:
         raise ConstraintError("--method bitsmoe solves exactly with CP-SAT over tensors and spectral slabs: leave "
                               "--granularity, --solver and --time-budget at their defaults")
-    expert_rows = np.array([u.role.value.startswith("expert_") for u in ctx.inv.quantized])
+    expert_rows = np.array([u.expert is not None for u in ctx.inv.quantized])
     if expert_rows.any() and not ctx.allowed[expert_rows].all():
         raise ConstraintError("--method bitsmoe chooses expert widths per spectral slab; pins and bit bounds that "
                               "reach expert tensors cannot apply to it (restrict them to other tensors)")
@@ -141,8 +141,8 @@ def _check_supported(ctx: ModelContext, calib: Optional[str | Path], has_experts
 
 def _dense_context(ctx: ModelContext) -> ModelContext:
     """``ctx`` without the MoE experts: the per-tensor part of the joint problem."""
-    keep = [not u.role.value.startswith("expert_") for u in ctx.inv.quantized]
-    units = [u for u in ctx.inv.units if not u.role.value.startswith("expert_")]
+    keep = [not u.expert is not None for u in ctx.inv.quantized]
+    units = [u for u in ctx.inv.units if not u.expert is not None]
     names = {u.tensor for u in units}
     inv = replace(ctx.inv, units=units, tie_groups=[g for g in ctx.inv.tie_groups if set(g.members) <= names])
     return ModelContext.from_inventory(ctx.ckpt, inv, ctx.candidates, ctx.solve, ctx.allowed[np.array(keep, bool)])

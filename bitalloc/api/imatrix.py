@@ -24,7 +24,7 @@ from ..export.llamacpp import gguf_name, tensor_name_map
 from ..model.checkpoint import Checkpoint
 from ..model.inventory import build_inventory
 from ..plan import atomic_write_bytes
-from ..sensitivity.collect import IN_SUM2
+from ..sensitivity.table import IN_SUM2
 from ..sensitivity.table import ErrorTable
 
 

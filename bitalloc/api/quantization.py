@@ -26,16 +26,15 @@ from ..errors import BitallocError, CalibrationError, PlanError
 from ..model.calib import (
     EVAL_SEQLEN,
     EVAL_TOKENS,
-    calibration_windows,
     eval_windows,
     tokenize,
-    tokenize_hashed,
 )
 from ..model.checkpoint import Checkpoint
 from ..model.layerwise import resolve_device, run_workdir
 from ..plan import Plan
 from ..progress import SILENT, Tracker
 from ..rounding.apply import METHODS, quantize_layers
+from .allocate import calibration_ids
 from ..rounding.config import DEFAULT, RoundingConfig
 from ..rounding.loader import load_quantized_model
 from ..rounding.writer import preflight, write_quantized
@@ -67,9 +66,7 @@ def quantize(model: str | Path | Checkpoint, plan: Plan | str | Path, method: st
     t0 = time.perf_counter()
     # every activation store of the rounding methods goes in this run's work directory (removed at the end)
     with run_workdir(calibration.workdir):
-        ckpt.check_seqlen(calibration.seqlen)
-        tokens = tokenize_hashed(ckpt.path, calib, calibration.tokens)
-        windows = calibration_windows(tokens.ids, calibration.tokens, calibration.seqlen, calibration.seed)
+        tokens, windows = calibration_ids(ckpt, calib, calibration)
         t1 = time.perf_counter()
         choices = {e.tensor: e.column_choices() for e in plan.entries if not e.locked}
         weights = quantize_layers(ckpt, choices, method, windows, rounding, calibration.device, track)

@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..errors import PlanError
-from ..plan import GGUF_LAYOUT, Entry, Plan, Role
+from ..plan import GGML_TYPES, GGUF_LAYOUT, Entry, Plan, Role
 from .rules import quantized_entries
 
 TOOL = "llama.cpp"
 BITS_TO_GGML = {2: "Q2_K", 3: "Q3_K", 4: "Q4_K", 5: "Q5_K", 6: "Q6_K", 8: "Q8_0"}  # compressed-tensors plans
-_BPW = {"Q2_K": 2.625, "Q3_K": 3.4375, "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625, "Q8_0": 8.5, "F16": 16.0}
+_BPW = {t: GGML_TYPES[t].bits_per_weight for t in (*BITS_TO_GGML.values(), "F16")}
 GGUF_ARCHS = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2", "qwen3": "QWEN3", "qwen3_moe": "QWEN3MOE"}
 _EXPERT = re.compile(r"^(?P<base>.+\.mlp\.experts)\.\d+\.(?P<proj>gate_proj|up_proj|down_proj)(?:\.weight)?$")
 INPUT_GGUF, OUTPUT_GGUF = "model-f16.gguf", "model-mixed.gguf"  # placeholders unless the user names the files

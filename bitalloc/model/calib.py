@@ -176,8 +176,11 @@ def tokenize_hashed(model_path: str | Path, text_path: str | Path, max_tokens: O
     file is hashed while it is read."""
     tok = load_tokenizer(model_path)
     text = read_text_hashed(text_path, max_tokens)
+
+    def encode(part: str) -> np.ndarray:
+        return np.asarray(tok(part, add_special_tokens=False)["input_ids"], dtype=np.int64)
+
     with _quiet_transformers():
-        encode = lambda part: np.asarray(tok(part, add_special_tokens=False)["input_ids"], dtype=np.int64)  # noqa: E731
         pieces = list(text_chunks(text.text, TOKENIZE_CHUNK))
         if len(pieces) > 1 and not _cuts_cleanly(encode, pieces[0], pieces[1]):
             pieces = [text.text]  # a prefix-adding tokenizer: one call (its memory is bounded by MAX_TEXT_CHARS)

@@ -56,22 +56,19 @@ def run_workdir(parent: Optional[str | os.PathLike] = None) -> Iterator[str]:
 
 
 class ActivationStore:
-    """[n_seq, seqlen, hidden] buffer (fp32 unless ``dtype`` says otherwise), memory-mapped from a temporary file.
+    """[n_seq, seqlen, hidden] fp32 buffer, memory-mapped from a temporary file.
 
     Pages that the OS cannot keep in RAM go to disk, so the sensitivity pass of a model
     whose calibration activations exceed memory still runs (slower), instead of failing.
     The file goes in ``workdir``, else the current :func:`run_workdir`, else $TMPDIR.
-    Readers cast to fp32 on the compute device (:meth:`LayerwiseModel.run_layer_batched`), so a
-    bf16 store halves disk and host traffic at the cost of rounding the stored hidden states.
     """
 
-    def __init__(self, n_seq: int, seqlen: int, hidden: int, workdir: Optional[str | os.PathLike] = None,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(self, n_seq: int, seqlen: int, hidden: int, workdir: Optional[str | os.PathLike] = None):
         where = workdir if workdir is not None else _RUN_DIR.get()
         fd, self._path = tempfile.mkstemp(prefix="bitalloc-act-", suffix=".bin", dir=where)
         os.close(fd)
         numel = n_seq * seqlen * hidden
-        self.tensor = torch.from_file(self._path, shared=True, size=numel, dtype=dtype).view(n_seq, seqlen, hidden)
+        self.tensor = torch.from_file(self._path, shared=True, size=numel, dtype=torch.float32).view(n_seq, seqlen, hidden)
 
     def close(self) -> None:
         del self.tensor
@@ -150,15 +147,15 @@ class LayerwiseModel:
         t = torch.stack(per)
         return t.transpose(1, 2) if getattr(experts, "is_transposed", False) else t
 
-    def _load(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """A checkpoint tensor in ``dtype`` on the pass device, refused if it holds NaN or Inf.
+    def _load(self, name: str) -> torch.Tensor:
+        """A checkpoint tensor in fp32 on the pass device, refused if it holds NaN or Inf.
 
         Checked here, where every weight the model runs with is read: one non-finite weight turns every
         activation after it into NaN, which used to surface as a linear-algebra traceback deep in the
         sensitivity pass, or as ``perplexity nan`` with exit 0. The check runs after the copy to the
         device (a CPU scan of a bf16 tensor costs more than the copy).
         """
-        t = self.ckpt.load(name).to(self.device, dtype)
+        t = self.ckpt.load(name).to(self.device, torch.float32)
         finite = torch.isfinite(t)
         if not bool(finite.all()):
             raise CheckpointError(f"tensor {name!r} of {self.ckpt.path} holds {int((~finite).sum())} NaN or Inf "
@@ -198,7 +195,7 @@ class LayerwiseModel:
         with torch.no_grad():
             for b in iter_batches(n_seq, batch):
                 n = b.stop - b.start
-                out = self.run_layer(layer, src[b].to(self.device, torch.float32), (pos[0][:n], pos[1][:n]))
+                out = self.run_layer(layer, src[b].to(self.device), (pos[0][:n], pos[1][:n]))
                 dst[b] = out.to(dst.device)
 
     def total_loss(self, h: torch.Tensor, ids: torch.Tensor, norm_w: torch.Tensor,
@@ -211,33 +208,9 @@ class LayerwiseModel:
         total = 0.0
         with torch.no_grad():
             for s in range(len(ids)):
-                logits = self.head_logits(h[s].to(self.device, torch.float32), norm_w, head_w)
+                logits = self.head_logits(h[s].to(self.device), norm_w, head_w)
                 total += float(nn.functional.cross_entropy(logits[:-1], ids[s, 1:], reduction="sum"))
         return total, ids.shape[0] * (ids.shape[1] - 1)
-
-    def forward_stores(self, ids: torch.Tensor, batch: int, workdir: Optional[str] = None,
-                       track=None, dtype: torch.dtype = torch.float32) -> list["ActivationStore"]:
-        """Embed ``ids`` and run every layer once, keeping each layer's input (and the final output).
-
-        Each layer runs on the fp32 input read back from its store, so with a bf16 ``dtype`` the
-        states are rounded once per layer, as a bf16 model would round them.
-        """
-        n_seq, seqlen = ids.shape
-        stores = [ActivationStore(n_seq, seqlen, self.hidden_size, workdir, dtype) for _ in range(self.num_layers + 1)]
-        try:
-            stores[0].tensor.copy_(self.embedding_weight()[ids.to(self.device)])
-            task = track.task("calibration forward", self.num_layers) if track is not None else None
-            for i in range(self.num_layers):
-                layer = self.load_layer(i)
-                self.run_layer_batched(layer, stores[i].tensor, stores[i + 1].tensor, batch)
-                self.release_layer(i)
-                if task is not None:
-                    task.advance()
-        except BaseException:
-            for st in stores:
-                st.close()
-            raise
-        return stores
 
     @property
     def hidden_size(self) -> int:

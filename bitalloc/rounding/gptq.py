@@ -33,7 +33,6 @@ the factorisation plus O(out * in^2).
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -115,7 +114,7 @@ def gptq_with_losses_on(path: LoopPath, w: torch.Tensor, h: torch.Tensor, bits: 
         w, h, col_group = w[:, perm], h[perm][:, perm], col_group[perm]
     state = Columns(w, inverse_cholesky(h, damp), torch.zeros_like(w), scale, zero, col_group, bits, group_size,
                     symmetric, act_order)
-    step = BLOCK_STEPS[path]
+    step = block_step_triton if path == "triton" else block_step_torch
     losses = torch.zeros(cols, device=w.device)
     for a in range(0, cols, block):
         b = min(a + block, cols)
@@ -176,6 +175,3 @@ def block_step_triton(c: Columns, a: int, b: int) -> torch.Tensor:
                                scale_floor=FP16_TINY)
     return errb
 
-
-BLOCK_STEPS: dict[str, Callable[[Columns, int, int], torch.Tensor]] = {
-    "torch": block_step_torch, "triton": block_step_triton}

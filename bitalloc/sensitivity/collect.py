@@ -1,10 +1,10 @@
 """The calibration pass: one layer-by-layer sweep that feeds every score family.
 
-Pipeline (memory: one decoder layer's weights in fp32 at a time, see ``memory.py``; hidden
-states in memory-mapped stores): embed -> forward through each layer, saving every layer's
-input -> loss and dL/dh at the top, one sequence at a time -> backward layer by layer in
-reverse, re-materialising each layer, one sequence at a time so that each sequence's weight
-gradient is exact. While a layer is materialised, forward hooks accumulate each unit's input
+Pipeline (memory: one decoder layer's weights in fp32 at a time, see ``memory.py``; layer inputs
+checkpointed on disk and replayed, ``model.replay``): embed -> forward through each layer -> loss
+and dL/dh at the top, one sequence at a time -> backward layer by layer in reverse,
+re-materialising each layer and its inputs, one sequence at a time so that each sequence's
+weight gradient is exact. While a layer is materialised, forward hooks accumulate each unit's input
 second moment H, and every sequence's gradient updates the unit's gradient statistics
 (:class:`GradStats`). Then each unit's :class:`~.base.UnitContext` goes to every family in
 ``FAMILIES``, and the layer is released. MoE experts see only their routed tokens (counted); an
@@ -37,7 +37,7 @@ from ..rounding.apply import quantize_runs
 from ..rounding.config import RoundingConfig
 from ..rounding.kquants import weight_error
 from ..rounding.rtn import rtn_error
-from .table import DEFAULT_SCORE, SLAB_WIDTH, ErrorTable
+from .table import DEFAULT_SCORE, IN_SUM2, SLAB_WIDTH, ErrorTable
 from . import combined, gradient, hessian, importance, spectral
 from .base import UnitContext, slab_sums_torch
 from .resume import Checkpoints, Row, resume_key
@@ -49,7 +49,6 @@ FORMULAS["combined"] = combined.FORMULA
 SCORE_NAMES = tuple(FORMULAS)
 FORWARD_BATCH = 8  # sequences per forward call; bounds activation memory inside a layer
 STATS_BUDGET = 16 * 2**30  # bytes of per-unit gradient statistics held at once (see stat_groups)
-IN_SUM2 = "in_sum2"  # table vector: per input column, the sum of squared inputs (llama.cpp's importance matrix)
 
 
 class GradStats:

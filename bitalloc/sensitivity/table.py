@@ -18,6 +18,8 @@ import numpy as np
 from ..errors import ScoresError
 from ..plan import SLAB_WIDTH, Candidate, Plan, atomic_write_bytes, check_path
 
+IN_SUM2 = "in_sum2"  # table vector: per input column, the sum of squared inputs (llama.cpp's importance matrix)
+
 SCORES_FORMAT = "bitalloc.scores"
 SCORES_VERSION = 2
 DEFAULT_SCORE = "gradient"  # the best measured predictor on the validation models (docs/sensitivity.md)
@@ -179,6 +181,20 @@ _META_TYPES: dict[str, type] = {"config_sha256": str, "index_sha256": str, "cali
 
 class _Invalid(ScoresError, ValueError):
     """A field of a score file that fails validation (a ValueError too, so :meth:`ErrorTable.load` words it)."""
+
+
+def max_relative_difference(a: ErrorTable, b: ErrorTable) -> dict[str, float]:
+    """Per score shared by both tables: the largest |a - b| relative to the largest |a| of the same candidate.
+
+    How two passes over the same model and candidates are compared (GPU vs CPU, one process vs several,
+    code before vs after): relative to the candidate's scale, so that units with near-zero error do not
+    turn rounding noise into huge ratios.
+    """
+    out = {}
+    for name in sorted(set(a.scores) & set(b.scores)):
+        x, y = a.scores[name], b.scores[name]
+        out[name] = float((np.abs(x - y) / np.maximum(np.abs(x).max(axis=0, keepdims=True), 1e-300)).max())
+    return out
 
 
 def _check_header(header: dict) -> None:
