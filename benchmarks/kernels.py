@@ -100,11 +100,12 @@ def crossover_kernels(m: int) -> tuple[str, ...]:
 
 def launch(kernel: str, x: torch.Tensor, kw: KernelWeight, out: torch.Tensor,
            config: triton.Config | None = None, warmup: bool = False) -> torch.Tensor:
+    """One kernel through triton's own launch path (the dispatcher's bound launches are not used)."""
     consts = dispatch.constants(kw)
-    if kernel == "gemv":
-        return triton_gemv.gemv(x, kw, out, consts, config, warmup)
-    if kernel == "gemm":
-        return triton_gemm.gemm(x, kw, out, consts, config, warmup)
+    if kernel in ("gemv", "gemm"):
+        run = triton_gemv.gemv if kernel == "gemv" else triton_gemm.gemm
+        run(x, kw, out, consts, config, warmup)
+        return out
     if warmup:
         return triton_gemm.dequantize(kw, x.dtype, consts, warmup=True)
     return torch.matmul(x, triton_gemm.dequantize(kw, x.dtype, consts).t(), out=out)
@@ -185,6 +186,8 @@ def check() -> bool:
                 continue
             if not err < 1e-2:
                 failures.append(f"dispatch bits={bits} M={m} ({dispatch.path(m)}): rel err {err:.2e}")
+            count += 1
+            failures += fast_path_failures(module_path, x, kw, bits, m)
         x = torch.randn(1, n_in, device="cuda").to(torch.bfloat16)
         module_path(x)
         torch.cuda.synchronize()
@@ -201,6 +204,27 @@ def check() -> bool:
         print("FAIL", f)
     print(f"check: {count - len(failures)} of {count} cases pass", flush=True)
     return not failures
+
+
+def fast_path_failures(module_path: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                       kw: KernelWeight, bits: int, m: int) -> list[str]:
+    """A repeated call (the bound launch of ``launch.py``) equals triton's own launch path bit for
+    bit, and a misaligned view of the same signature (refused by the bound launch, so triton's
+    path, which compiles an unaligned variant) agrees with it."""
+    kind = dispatch.path(m)
+    if kind == "dequant":
+        return []
+    fast = module_path(x)
+    slow = torch.empty_like(fast)
+    launch(kind, x, kw, slow)
+    failures = [] if torch.equal(fast, slow) else [f"bound launch bits={bits} M={m}: differs from triton's"]
+    flat = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+    shifted = flat[1:].view_as(x)
+    shifted.copy_(x)
+    err = rel_err(module_path(shifted), slow)  # another compiled variant: equal up to fp order
+    if not err < 1e-3:
+        failures.append(f"misaligned input bits={bits} M={m}: rel err {err:.2e} vs the aligned call")
+    return failures
 
 
 # --- --json ------------------------------------------------------------------------------------
@@ -265,6 +289,23 @@ def tinygemm_weights(out: int, inp: int) -> list[tuple[torch.Tensor, torch.Tenso
     return sets
 
 
+def gemlite_layers(codes: dict[int, list[Codes]]) -> dict[int, list[torch.nn.Module]]:
+    """GemLite 0.6 linears (its default Triton path, bf16 in and out) holding the same codes as ours,
+    at the widths it supports (8, 4, 2); its zero points follow HQQ's ``(q - zero) * scale``."""
+    from gemlite import DType, GemLiteLinear
+
+    layers = {}
+    for bits in (8, 4, 2):
+        layers[bits] = []
+        for c in codes[bits]:
+            out, inp = c.codes.shape
+            g = GemLiteLinear(bits, group_size=GROUP, in_features=inp, out_features=out,
+                              input_dtype=DType.BF16, output_dtype=DType.BF16)
+            g.pack(c.codes, c.scales, c.zeros.to(c.scales.dtype), bias=None)
+            layers[bits].append(g)
+    return layers
+
+
 def bench(path: str, shapes: tuple[tuple[int, int], ...]) -> None:
     torch.manual_seed(0)
     bw = copy_bandwidth()
@@ -274,9 +315,9 @@ def bench(path: str, shapes: tuple[tuple[int, int], ...]) -> None:
             "copy_bandwidth_TBps": bw / 1e12, "group": GROUP, "rotated_weight_sets": ROTATE,
             "gemv_max_m": dispatch.GEMV_MAX_M, "gemm_max_m": dispatch.GEMM_MAX_M}
     try:
-        import gemlite  # noqa: F401
+        import gemlite
 
-        meta["gemlite"] = "importable, not wired into this benchmark"
+        meta["gemlite"] = getattr(gemlite, "__version__", "importable")
     except ImportError:
         meta["gemlite"] = "not installed: skipped"
     print(json.dumps(meta), flush=True)
@@ -312,8 +353,11 @@ def bench(path: str, shapes: tuple[tuple[int, int], ...]) -> None:
             tiny = []
             meta.setdefault("tinygemm", f"skipped: {e}")
             print(f"tinygemm skipped: {e}", flush=True)
-        ours = {bits: [repack(random_codes(out, inp, bits, GROUP, torch.bfloat16, seed=i))
-                       for i in range(ROTATE)] for bits in WIDTHS}
+        codes = {bits: [random_codes(out, inp, bits, GROUP, torch.bfloat16, seed=i)
+                        for i in range(ROTATE)] for bits in WIDTHS}
+        ours = {bits: [repack(c) for c in cs] for bits, cs in codes.items()}
+        lite = gemlite_layers(codes) if "skipped" not in meta["gemlite"] else {}
+        del codes
         for m in BATCHES:
             x = torch.randn(m, inp, device="cuda").to(torch.bfloat16)
             act = 2 * m * (inp + out)
@@ -325,6 +369,9 @@ def bench(path: str, shapes: tuple[tuple[int, int], ...]) -> None:
                        [lambda w=w, s=s, x=x: torch._weight_int4pack_mm(x, w, GROUP, s)
                         for w, s in tiny],
                        out * inp // 2 + 4 * out * inp // GROUP + act)
+            for bits, layers in lite.items():
+                record((out, inp), m, "gemlite", bits, [lambda g=g, x=x: g(x) for g in layers],
+                       out * inp * bits // 8 + 4 * out * inp // GROUP + act)
             for bits, kws in ours.items():
                 nbytes = kws[0].qweight.numel() * 4 + kws[0].scale_zero.numel() * 2 + act
                 record((out, inp), m, "ours", bits,
@@ -339,7 +386,7 @@ def bench(path: str, shapes: tuple[tuple[int, int], ...]) -> None:
                     record((out, inp), m, f"ours_{kernel}", bits,
                            [lambda kw=kw, k=kernel, x=x, y=y: launch(k, x, kw, y) for kw in kws],
                            nbytes)
-        del dense, tiny, ours
+        del dense, tiny, ours, lite
         torch.cuda.empty_cache()
     Path(path).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     summarize(rows, shapes)
@@ -348,7 +395,8 @@ def bench(path: str, shapes: tuple[tuple[int, int], ...]) -> None:
 def summarize(rows: list[dict], shapes: tuple[tuple[int, int], ...]) -> None:
     """The table: CUDA-graph us, speedup vs torch bf16 and vs tinygemm, bandwidth share."""
     by = {(r["out"], r["in"], r["M"], r["method"], r["bits"]): r for r in rows}
-    print("\nshape       M  | bf16 us | tinygemm x | ours us (x bf16, x tinygemm, bw share, eager us)")
+    print("\nshape       M  | bf16 us | tinygemm x | ours us (x bf16, x tinygemm, x gemlite same width, "
+          "bw share, eager us / gemlite eager us)")
     for out, inp in shapes:
         for m in BATCHES:
             base = by[(out, inp, m, "torch_bf16", 16)].get("graph_us", float("nan"))
@@ -361,8 +409,12 @@ def summarize(rows: list[dict], shapes: tuple[tuple[int, int], ...]) -> None:
                     continue
                 target = TARGETS_M1.get(bits) if m == 1 else (TARGETS_M.get(m) if bits == 4 else None)
                 mark = "" if target is None else (" ok" if base / r["graph_us"] >= target else " MISS")
+                gl = by.get((out, inp, m, "gemlite", bits), {})
                 cells.append(f"{bits}b {r['graph_us']:.1f} ({base / r['graph_us']:.2f}x{mark}, "
-                             f"{tg / r['graph_us']:.2f}x, {r['bw_share']:.0%}, {r['eager_us']:.1f})")
+                             f"{tg / r['graph_us']:.2f}x, "
+                             f"{gl.get('graph_us', float('nan')) / r['graph_us']:.2f}x, "
+                             f"{r['bw_share']:.0%}, {r['eager_us']:.1f} / "
+                             f"{gl.get('eager_us', float('nan')):.1f})")
             print(f"{out}x{inp} {m:4d} | {base:7.1f} | {base / tg:5.2f}x | " + " | ".join(cells))
 
 

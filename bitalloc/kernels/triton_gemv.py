@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import Launch, bind
 from .layout import TILE, KernelWeight
 from .triton_decode import MAGIC, code_minus_zero, load_plane
 
@@ -86,22 +87,29 @@ _autotuned = triton.autotune(CONFIGS, key=["N", "K", "M_BUCKET", "BITS", "GROUP"
                              cache_results=True)(_gemv_kernel)
 
 
+def args(x: torch.Tensor, kw: KernelWeight, out: torch.Tensor) -> tuple:
+    """The kernel's runtime arguments, in order (``launch.Launch`` passes them per call)."""
+    m = x.shape[0]
+    return (x, kw.qweight, kw.scale_zero, out, m, kw.out_features, kw.in_features, kw.tiles,
+            x.stride(0), out.stride(0), kw.qweight.stride(0), kw.scale_zero.stride(0), MAGIC,
+            triton.next_power_of_2(m))
+
+
 def gemv(x: torch.Tensor, kw: KernelWeight, out: torch.Tensor, consts: dict[str, int],
-         config: triton.Config | None = None, warmup: bool = False) -> torch.Tensor:
+         config: triton.Config | None = None, warmup: bool = False) -> Launch | None:
     """``out[:M] = x @ W.T`` for a 2-D ``x`` of at most ``MAX_M`` rows (unit stride along K).
 
     ``config`` pins one configuration (tests, the interpreter); None autotunes per shape.
-    ``warmup`` compiles (every autotune configuration) without launching.
+    ``warmup`` compiles (every autotune configuration) without launching. Returns the compiled
+    kernel bound for later calls of the same signature (None under the interpreter, or warmup).
     """
-    m = x.shape[0]
-    block_m = triton.next_power_of_2(m)
-    args = (x, kw.qweight, kw.scale_zero, out, m, kw.out_features, kw.in_features, kw.tiles,
-            x.stride(0), out.stride(0), kw.qweight.stride(0), kw.scale_zero.stride(0), MAGIC, block_m)
+    a = args(x, kw, out)
     kernel, meta = (_autotuned, {}) if config is None else (_gemv_kernel, config.all_kwargs())
-    even_k = kw.in_features % TILE == 0
+    meta = {**meta, **consts, "EVEN_K": kw.in_features % TILE == 0, "BLOCK_M": a[-1]}
     if warmup:
-        kernel.warmup(*args, EVEN_K=even_k, BLOCK_M=block_m, **consts, **meta, grid=(1,))
-        return out
-    kernel[lambda m_: (triton.cdiv(kw.out_features, m_["BLOCK_N"]),)](
-        *args, EVEN_K=even_k, BLOCK_M=block_m, **consts, **meta)
-    return out
+        kernel.warmup(*a, **meta, grid=(1,))
+        return None
+    compiled = kernel[lambda m_: (triton.cdiv(kw.out_features, m_["BLOCK_N"]),)](*a, **meta)
+    chosen = {**(config or _autotuned.best_config).all_kwargs(), **meta}
+    return bind(compiled, _gemv_kernel, (triton.cdiv(kw.out_features, chosen["BLOCK_N"]),), len(a),
+                chosen)
