@@ -15,6 +15,8 @@ reconstruction differs from W only by the factors' own fp16 rounding.
 
 Factor rows are quantized by RTN, groups of ``group_size`` entries along each row (one scale per row
 and group, as BitsMoE's kernels tile them); width 0 drops a row, width 16 keeps it in fp16.
+:func:`apply_block` gives the reconstructed weights (``eval --plan``), :func:`store_block` the same
+rounding as codes (a checkpoint, ``rounding.decomposed``).
 """
 
 from __future__ import annotations
