@@ -387,12 +387,14 @@ def quantize_cmd(
     calib: Annotated[Path, typer.Option("--calib", help="Calibration text for the rounding method.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write (compressed-tensors "
                                                                 "pack-quantized; must not exist).")],
-    method: Annotated[str, typer.Option("--method", help="rtn | gptq | gsq | discquant (docs/rounding.md).")] = "gptq",
+    method: Annotated[str, typer.Option("--method", help="rtn | gptq | gsq | discquant (docs/rounding.md); plans "
+                                                         "made with --method bitsmoe: rtn.")] = "gptq",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
     quiet: Quiet = False,
     *, calibration,
 ) -> None:
-    """Quantize MODEL as the plan says into a checkpoint that transformers and `bitalloc eval` load."""
+    """Quantize MODEL as the plan says into a checkpoint that transformers and `bitalloc eval` load (a BitsMoE
+    plan's decomposed experts: `bitalloc eval` and `load_quantized` only; docs/checkpoint.md)."""
     from .api import quantize
     from .api.outputs import Inputs, check_output_dir
     from .progress import tracker

@@ -162,6 +162,30 @@ def moe_scores(tiny_moe, calib_file):
     return bitalloc.compute_scores(tiny_moe, calib_file, bitalloc.CalibrationConfig(tokens=512, seqlen=128))
 
 
+def revalidated(data: dict):
+    """``data`` (a plan's dump, edited) as a plan, its budget recomputed from what it now stores."""
+    from bitalloc.plan import Decomposition, Entry, Plan
+
+    entries = [Entry.model_validate(e) for e in data["entries"]]
+    dec = data.get("decomposition")
+    dec = Decomposition.model_validate(dec) if dec else None
+    counted = [e for e in entries if not e.locked]
+    bits = sum(e.storage_bits for e in counted) + (dec.storage_bits if dec else 0)
+    params = sum(e.numel for e in counted)
+    budget = {**data["budget"], "target_bits": bits, "achieved_bpp": bits / params, "counted_params": params}
+    return Plan.model_validate({**data, "budget": budget})
+
+
+def with_factor_widths(plan, width: int):
+    """The plan with every factor slab at ``width`` (basis kept when > 0)."""
+    data = plan.model_dump()
+    for b in data["decomposition"]["blocks"]:
+        for s in b["slabs"]:
+            s["widths"] = [width] * len(s["widths"])
+            s["basis_kept"] = width > 0
+    return revalidated(data)
+
+
 def expect_user_error(result, *needles: str, written: Path | None = None) -> str:
     """A refused CLI call: exit 2, exactly one ``error:`` line containing ``needles``, no traceback, and
     ``written`` (when given) not created. Returns the line."""

@@ -21,6 +21,8 @@ from bitalloc.plan import SCHEMA_PATH, SPECTRAL_WIDTHS, Plan, Role
 from bitalloc.rounding.lowrank import factors, quantize_factor, reconstruct, shared_basis, space_matrix
 from bitalloc.sensitivity.bitsmoe import ExpertBlock, output_error, surrogate
 
+from .conftest import revalidated, with_factor_widths
+
 CAL = CalibrationConfig(tokens=512, seqlen=128)
 BITSMOE = SolveConfig(method="bitsmoe", rank_slab=16)
 
@@ -144,33 +146,9 @@ def test_plan_round_trips_validates_and_refuses_broken_blocks(bitsmoe_plan, tmp_
         Plan.load(tmp_path / "bad2.json")
 
 
-def test_exporters_and_quantize_refuse_a_decomposition(bitsmoe_plan, tiny_moe, calib_file, tmp_path):
+def test_exporters_refuse_a_decomposition(bitsmoe_plan):
     with pytest.raises(PlanError, match="cannot express"):
         export_plan(bitsmoe_plan, "gptqmodel")
-    with pytest.raises(PlanError, match="per-tensor plans only"):
-        bitalloc.quantize(tiny_moe, bitsmoe_plan, "rtn", calib_file, out=tmp_path / "q")
-
-
-def _revalidated(data: dict) -> Plan:
-    """``data`` as a plan, its budget recomputed from what it now stores."""
-    entries = [bitalloc.plan.Entry.model_validate(e) for e in data["entries"]]
-    dec = data.get("decomposition")
-    dec = bitalloc.plan.Decomposition.model_validate(dec) if dec else None
-    counted = [e for e in entries if not e.locked]
-    bits = sum(e.storage_bits for e in counted) + (dec.storage_bits if dec else 0)
-    params = sum(e.numel for e in counted)
-    budget = {**data["budget"], "target_bits": bits, "achieved_bpp": bits / params, "counted_params": params}
-    return Plan.model_validate({**data, "budget": budget})
-
-
-def _with_widths(plan: Plan, width: int) -> Plan:
-    """The plan with every factor slab at ``width`` (basis kept when > 0)."""
-    data = plan.model_dump()
-    for b in data["decomposition"]["blocks"]:
-        for s in b["slabs"]:
-            s["widths"] = [width] * len(s["widths"])
-            s["basis_kept"] = width > 0
-    return _revalidated(data)
 
 
 def _experts_unquantized(plan: Plan) -> Plan:
@@ -180,7 +158,7 @@ def _experts_unquantized(plan: Plan) -> Plan:
     for e in data["entries"]:
         if e["decomposed"]:
             e.update(decomposed=False, locked=True, bits=16, reason="test: experts unquantized")
-    return _revalidated(data)
+    return revalidated(data)
 
 
 def test_eval_applies_the_decomposition(bitsmoe_plan, tiny_moe, heldout_file):
@@ -188,7 +166,7 @@ def test_eval_applies_the_decomposition(bitsmoe_plan, tiny_moe, heldout_file):
         return bitalloc.evaluate(tiny_moe, heldout_file, plan=p, tokens=512, seqlen=128, device="cpu").perplexity
 
     ref = ppl(_experts_unquantized(bitsmoe_plan))
-    at16, dropped = ppl(_with_widths(bitsmoe_plan, 16)), ppl(_with_widths(bitsmoe_plan, 0))
+    at16, dropped = ppl(with_factor_widths(bitsmoe_plan, 16)), ppl(with_factor_widths(bitsmoe_plan, 0))
     assert at16 == pytest.approx(ref, rel=1e-4)  # factors and basis in fp16: the experts as they were
     assert abs(dropped - ref) > 100 * abs(at16 - ref)  # no expert at all: eval did apply the widths
 

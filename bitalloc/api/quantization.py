@@ -36,6 +36,7 @@ from ..progress import SILENT, Tracker
 from ..rounding.apply import METHODS, quantize_layers
 from .allocate import calibration_ids
 from ..rounding.config import DEFAULT, RoundingConfig
+from ..rounding.decomposed import decompose_checkpoint
 from ..rounding.loader import load_quantized_model
 from ..rounding.writer import preflight, write_quantized
 from .config import CalibrationConfig
@@ -49,15 +50,18 @@ def quantize(model: str | Path | Checkpoint, plan: Plan | str | Path, method: st
 
     ``calibration`` gives the windows (tokens, seqlen, seed) and the device; ``rounding`` the
     methods' settings. Returns OUT. Refusals (plan for another model, segments, existing OUT,
-    unknown method) happen before any calibration work.
+    unknown method) happen before any calibration work. A plan with a BitsMoE decomposition is
+    written with ``rtn`` only: its experts as shared bases plus RTN factor slabs, exactly as
+    ``bitalloc eval --plan`` reconstructs them (docs/checkpoint.md).
     """
     calibration = calibration or CalibrationConfig()
     if method not in METHODS:
         raise BitallocError(f"unknown rounding method {method!r}; choose one of {', '.join(METHODS)}")
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-    if plan.decomposition is not None:
-        raise PlanError("this plan stores MoE experts as BitsMoE factors (its decomposition section); `bitalloc "
-                        "quantize` writes per-tensor plans only: evaluate it with `bitalloc eval MODEL --plan`")
+    if plan.decomposition is not None and method != "rtn":
+        raise PlanError(f"--method {method}: this plan stores MoE experts as BitsMoE factors, which are quantized "
+                        "with RTN as `eval --plan` measured them, and the other methods would calibrate later layers "
+                        "on experts that are not; use --method rtn")
     ckpt = model if isinstance(model, Checkpoint) else Checkpoint(model)
     check_plan_matches(plan, ckpt)
     preflight(ckpt, plan, out, overwrite)  # segments, partial groups, an existing OUT: refused before calibrating
@@ -68,18 +72,20 @@ def quantize(model: str | Path | Checkpoint, plan: Plan | str | Path, method: st
     with run_workdir(calibration.workdir):
         tokens, windows = calibration_ids(ckpt, calib, calibration)
         t1 = time.perf_counter()
-        choices = {e.tensor: e.column_choices() for e in plan.entries if not e.locked}
+        choices = {e.tensor: e.column_choices() for e in plan.entries if not e.locked and not e.decomposed}
         weights = quantize_layers(ckpt, choices, method, windows, rounding, calibration.device, track)
     t2 = time.perf_counter()
+    blocks = decompose_checkpoint(ckpt, plan.decomposition, track) if plan.decomposition else {}
     provenance: dict[str, Any] = {
         "method": method,
         "calibration": {"file": str(calib), "sha256": tokens.sha256, "tokens": int(windows.numel()),
                         "seqlen": calibration.seqlen, "seed": calibration.seed},
         "rounding": asdict(rounding),
         "device": str(device),
-        "timings": {"calibration_s": round(t1 - t0, 3), "rounding_s": round(t2 - t1, 3)},
+        "timings": {"calibration_s": round(t1 - t0, 3), "rounding_s": round(t2 - t1, 3),
+                    **({"decomposition_s": round(time.perf_counter() - t2, 3)} if blocks else {})},
     }
-    return write_quantized(ckpt, plan, weights, out, provenance, overwrite=overwrite, track=track)
+    return write_quantized(ckpt, plan, weights, out, provenance, overwrite=overwrite, track=track, blocks=blocks)
 
 
 def load_quantized(out: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:

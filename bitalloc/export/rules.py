@@ -36,12 +36,12 @@ def quantized_entries(plan: Plan, tool: str) -> list[Entry]:
     if segmented:
         raise PlanError(f"{tool} sets one width per module; this plan splits {segmented[0]} into column segments "
                         "(--granularity slab). Re-plan with --granularity tensor for this export.")
-    return [e for e in plan.entries if not e.locked]
+    return [e for e in plan.entries if not e.locked and not e.decomposed]  # decomposed: stored as factors, no module
 
 
 def check_fusable(plan: Plan, tool: str) -> None:
     """Serving engines load q/k/v and gate/up as one fused module with one scheme: refuse plans that split them."""
-    choices = {e.module: e.candidate for e in plan.entries if not e.locked}
+    choices = {e.module: e.candidate for e in plan.entries if not e.locked and not e.decomposed}
     sets: dict[tuple[str, str], set] = defaultdict(set)
     for module, c in choices.items():
         parent, _, leaf = module.rpartition(".")

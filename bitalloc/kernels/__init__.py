@@ -1,4 +1,5 @@
-"""Packed low-bit linear layers: compressed-tensors I/O, the kernels' layout, Triton kernels.
+"""Packed low-bit linear layers: compressed-tensors I/O, the kernels' layout, Triton kernels, and the torch
+module of MoE experts stored as a shared basis plus quantized factors (``lowrank_experts``).
 
 Self-contained: nothing here imports the rest of bitalloc. Imports are lazy so that the torch
 reference and ``QuantLinear`` on CPU need neither Triton nor compressed-tensors, and a GPU box
@@ -12,12 +13,14 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "Codes": "codes", "pack": "packing", "unpack": "packing", "KernelWeight": "layout",
     "repack": "layout", "unrepack": "layout", "QuantLinear": "quant_linear",
+    "FactorSlab": "lowrank_experts", "SharedBasisFactors": "lowrank_experts", "LowRankExperts": "lowrank_experts",
 }
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from .codes import Codes  # noqa: F401
     from .layout import KernelWeight, repack, unrepack  # noqa: F401
+    from .lowrank_experts import FactorSlab, LowRankExperts, SharedBasisFactors  # noqa: F401
     from .packing import pack, unpack  # noqa: F401
     from .quant_linear import QuantLinear  # noqa: F401
 

@@ -33,6 +33,12 @@ _MAX_HEADER = 100 * 2**20  # safetensors' own limit on header size
 _REQUIRED_INTS = ("hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads", "intermediate_size")
 _OPTIONAL_INTS = ("num_key_value_heads", "head_dim", "max_position_embeddings", "moe_intermediate_size",
                   "num_experts", "num_experts_per_tok")
+# A checkpoint that bitalloc writes with MoE experts decomposed (BitsMoE: a shared basis plus factors, no expert
+# weights) names this model_type, which no transformers release knows: plain ``from_pretrained`` then refuses the
+# directory, rather than loading the rest and initializing the missing experts at random. The architecture it was
+# made from stays under DECOMPOSED_KEY (docs/checkpoint.md).
+DECOMPOSED_MODEL_TYPE = "bitalloc_bitsmoe"
+DECOMPOSED_KEY = "bitalloc_decomposition"
 MAX_POSITION_FACTOR = 4  # windows up to 4x the trained positions are warned about, longer ones refused
 _LAYER_INDEX_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -90,6 +96,15 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], bytes]:
 
 def _sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def architecture(config: dict[str, Any]) -> str:
+    """The config's model_type; for a decomposed bitalloc checkpoint, the one it was made from."""
+    model_type = str(config.get("model_type", ""))
+    if model_type != DECOMPOSED_MODEL_TYPE:
+        return model_type
+    marker = config.get(DECOMPOSED_KEY)
+    return str(marker.get("model_type", "")) if isinstance(marker, dict) else ""
 
 
 def _check_config(config: Any, cfg: Path) -> None:
@@ -150,7 +165,7 @@ class Checkpoint:
             config = json.loads(cfg.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise CheckpointError(f"{cfg} is not valid JSON") from None
-        self.arch: str = str(config.get("model_type", "")) if isinstance(config, dict) else ""
+        self.arch: str = architecture(config) if isinstance(config, dict) else ""
         if isinstance(config, dict) and self.arch not in SUPPORTED_ARCHS:
             raise CheckpointError(
                 f"unsupported architecture {self.arch or '(none)'!r} in {cfg}; supported: {', '.join(SUPPORTED_ARCHS)}"

@@ -10,7 +10,8 @@ The model is built on the meta device from ``config.json`` alone, each quantized
 routers, 16-bit heads) are assigned from the shards: weight memory is the packed codes plus the
 16-bit tensors, never a dequantized copy of the model. transformers holds MoE experts fused in 3-D
 parameters; a quantized experts module is replaced by :class:`QuantExperts`, the same computation
-over per-expert ``QuantLinear`` modules.
+over per-expert ``QuantLinear`` modules, and a decomposed one (a BitsMoE plan: shared bases and factor
+slabs, :mod:`.decomposed`) by ``bitalloc.kernels.LowRankExperts``, read by the plan the checkpoint carries.
 """
 
 from __future__ import annotations
@@ -23,10 +24,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
-from ..model.checkpoint import Checkpoint
+from ..errors import CheckpointError, PlanError
+from ..model.checkpoint import DECOMPOSED_KEY, DECOMPOSED_MODEL_TYPE, Checkpoint
+from ..plan import DecomposedBlock, Decomposition, Plan
 from .base import QuantizedWeight
 from .checkpoint import FORMAT, PACKED_SUFFIXES, SCALE_DTYPE, unpack
+from .decomposed import check_writable, experts_module, read_block, stored_names
+from .lowrank import StoredBlock, kept_offsets
+from .writer import PLAN_FILE
 
 
 def read_quantization_config(ckpt: Checkpoint) -> dict[str, Any]:
@@ -71,8 +76,10 @@ def iter_quantized_weights(model: str | Path | Checkpoint) -> Iterator[tuple[str
 
     ckpt = model if isinstance(model, Checkpoint) else Checkpoint(model)
     cfg = read_quantization_config(ckpt)
+    decomposition = read_decomposition(ckpt)
+    skip = stored_names(decomposition) if decomposition else set()
     for name in ckpt.tensors:
-        if not name.endswith(".weight_packed"):
+        if not name.endswith(".weight_packed") or name in skip:
             continue
         module = name.removesuffix(".weight_packed")
         tensors = {s: ckpt.load(f"{module}.{s}") for s in PACKED_SUFFIXES if f"{module}.{s}" in ckpt.tensors}
@@ -82,6 +89,22 @@ def iter_quantized_weights(model: str | Path | Checkpoint) -> Iterator[tuple[str
             raise CheckpointError(f"{module} is stored packed but no config group of {ckpt.path / 'config.json'} "
                                   "quantizes it; the checkpoint is corrupt")
         yield f"{module}.weight", unpack(tensors, choice, module)
+
+
+def read_decomposition(ckpt: Checkpoint) -> Decomposition | None:
+    """The BitsMoE decomposition the checkpoint stores (from the plan it carries); None for a per-module one."""
+    if ckpt.config.get("model_type") != DECOMPOSED_MODEL_TYPE:
+        return None
+    try:
+        plan = Plan.load(ckpt.path / PLAN_FILE)
+        check_writable(plan)
+    except PlanError as exc:
+        raise CheckpointError(f"{ckpt.path} stores decomposed experts, laid out by its {PLAN_FILE}, which cannot be "
+                              f"read: {exc}") from None
+    if plan.decomposition is None:
+        raise CheckpointError(f"{ckpt.path / 'config.json'} says the experts are decomposed, but {PLAN_FILE} has no "
+                              "decomposition; the checkpoint is corrupt")
+    return plan.decomposition
 
 
 def packed_bytes(model: str | Path | Checkpoint) -> int:
@@ -122,16 +145,25 @@ def load_quantized_model(model: str | Path, device: str | torch.device = "cpu",
 
     ckpt = Checkpoint(model)
     read_quantization_config(ckpt)  # before transformers reads the config
+    decomposition = read_decomposition(ckpt)
+    # built dense from the architecture's own config class (a decomposed checkpoint names a model_type of its own);
+    # the quantized layers are put in below
+    config_dict = {k: v for k, v in ckpt.config.items()
+                   if k not in ("model_type", "quantization_config", DECOMPOSED_KEY)}
     try:
-        config = AutoConfig.from_pretrained(ckpt.path, local_files_only=True, trust_remote_code=False)
+        config = AutoConfig.for_model(ckpt.arch, **config_dict)
     except Exception as exc:
         raise CheckpointError(f"transformers cannot read {ckpt.path / 'config.json'}: {exc}") from None
-    del config.quantization_config  # built dense here; the quantized layers are put in below
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lm = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=dtype)
-    state = {n: ckpt.load(n, dtype) for n in ckpt.tensors if n.rpartition(".")[2] not in PACKED_SUFFIXES}
+    skip = stored_names(decomposition) if decomposition else set()
+    state = {n: ckpt.load(n, dtype) for n in ckpt.tensors
+             if n.rpartition(".")[2] not in PACKED_SUFFIXES and n not in skip}
     _install(lm, iter_quantized_weights(ckpt), state)
+    if decomposition is not None:
+        _install_lowrank(lm, {b.basis: read_block(ckpt, b, decomposition) for b in decomposition.blocks},
+                         decomposition)
     result = lm.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
         raise CheckpointError(f"{ckpt.path} holds {result.unexpected_keys[0]!r}, which {config.model_type} has no "
@@ -187,6 +219,38 @@ def _install(lm: nn.Module, weights: Iterator[tuple[str, QuantizedWeight]], stat
         parent, _, leaf = owner.rpartition(".")
         setattr(modules[parent], leaf, QuantExperts(lists["gate_proj"], lists["up_proj"], lists["down_proj"],
                                                     old.act_fn))
+
+
+def _install_lowrank(lm: nn.Module, stored: dict[str, StoredBlock], decomposition: Decomposition) -> None:
+    """Replace every decomposed experts module by ``LowRankExperts`` over its stored bases and factors."""
+    from ..kernels import LowRankExperts
+
+    modules = dict(lm.named_modules())
+    by_owner: dict[str, dict[str, DecomposedBlock]] = {}
+    for b in decomposition.blocks:
+        by_owner.setdefault(experts_module(b), {})[b.projection] = b
+    for owner, blocks in by_owner.items():
+        old = modules.get(owner)
+        if getattr(old, "num_experts", None) != len(blocks["gate"].experts):
+            raise CheckpointError(f"the plan decomposes {len(blocks['gate'].experts)} experts of {owner}, which the "
+                                  "model built from config.json does not have; the checkpoint does not match it")
+        parts = {p: _lowrank_projection(b, stored[b.basis]) for p, b in blocks.items()}
+        parent, _, leaf = owner.rpartition(".")
+        setattr(modules[parent], leaf, LowRankExperts(parts["gate"], parts["up"], parts["down"], old.act_fn))
+
+
+def _lowrank_projection(block: DecomposedBlock, stored: StoredBlock) -> nn.Module:
+    """One block as ``SharedBasisFactors``: each stored slab placed at its rows of the kept basis."""
+    from ..kernels import FactorSlab, SharedBasisFactors
+
+    offsets = kept_offsets(block)
+    experts = []
+    for slabs in stored.factors:
+        experts.append([FactorSlab(offsets[i], codes=rows.codes, scale=rows.scale.to(SCALE_DTYPE),
+                                   zero=rows.zero.to(torch.uint8), group_size=rows.group_size)
+                        if isinstance(rows, QuantizedWeight) else FactorSlab(offsets[i], values=rows)
+                        for i, rows in sorted(slabs.items())])
+    return SharedBasisFactors(stored.basis, experts, block.factor_cols)
 
 
 def _expert_parts(name: str) -> tuple[str, int, str]:

@@ -15,17 +15,21 @@ reconstruction differs from W only by the factors' own fp16 rounding.
 
 Factor rows are quantized by RTN, groups of ``group_size`` entries along each row (one scale per row
 and group, as BitsMoE's kernels tile them); width 0 drops a row, width 16 keeps it in fp16.
+:func:`apply_block` gives the reconstructed weights (``eval --plan``), :func:`store_block` the same
+rounding as codes (a checkpoint, ``rounding.decomposed``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
 from ..budget import BASIS_BITS
 from ..errors import PlanError
-from .rtn import rtn_dequantize
+from .base import QuantizedWeight
+from .rtn import rtn_dequantize, rtn_quantize
 
 if TYPE_CHECKING:
     from ..plan import Decomposition, DecomposedBlock
@@ -98,17 +102,61 @@ def reconstruct(basis: torch.Tensor, f_hat: torch.Tensor, side: str) -> torch.Te
     return from_space(basis.T @ f_hat, side)
 
 
-def apply_block(weights: Sequence[torch.Tensor], block: "DecomposedBlock", decomposition: "Decomposition") -> list[torch.Tensor]:
-    """Each expert's weight as the plan stores it: the basis rebuilt from ``weights`` and the block's routing
-    shares, every factor slab at its width (RTN), times the fp16 basis. Returns fp32 CPU tensors."""
+def decompose_block(weights: Sequence[torch.Tensor], block: "DecomposedBlock") -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(the fp16-valued basis B [rank, d], each expert's factor F_e [rank, n]) of the plan's ``block``: the basis
+    rebuilt from ``weights`` and the block's routing shares, as at allocation. fp32 CPU tensors."""
     xs = [space_matrix(w.detach().float().cpu(), block.side) for w in weights]
     basis, _ = shared_basis(xs, block.routing_share)
     if basis.shape[0] != block.rank:
         raise PlanError(f"the plan's block layer {block.layer} {block.projection} has rank {block.rank}, the "
                         f"checkpoint's experts give {basis.shape[0]}: the plan was made for other weights")
-    out = []
-    for e, f in enumerate(factors(basis, xs)):
-        slabs = [(s.start, s.stop, s.widths[e]) for s in block.slabs]
-        f_hat = quantize_factor(f, slabs, decomposition.group_size, decomposition.symmetric)
-        out.append(reconstruct(basis, f_hat, block.side))
+    return basis, factors(basis, xs)
+
+
+def expert_slabs(block: "DecomposedBlock", expert: int) -> list[tuple[int, int, int]]:
+    """(start, stop, width) of every slab of ``expert``'s factor."""
+    return [(s.start, s.stop, s.widths[expert]) for s in block.slabs]
+
+
+def apply_block(weights: Sequence[torch.Tensor], block: "DecomposedBlock", decomposition: "Decomposition") -> list[torch.Tensor]:
+    """Each expert's weight as the plan stores it: every factor slab at its width (RTN), times the fp16 basis.
+    Returns fp32 CPU tensors."""
+    basis, fs = decompose_block(weights, block)
+    return [reconstruct(basis, quantize_factor(f, expert_slabs(block, e), decomposition.group_size,
+                                               decomposition.symmetric), block.side) for e, f in enumerate(fs)]
+
+
+FactorRows = QuantizedWeight | torch.Tensor  # RTN codes of a slab's rows, or the rows in fp16 (width 16)
+
+
+@dataclass
+class StoredBlock:
+    """What a checkpoint holds of one decomposed block: the basis rows it keeps and each expert's stored slabs."""
+
+    basis: torch.Tensor  # fp16 [rank_kept, d]: the rows of the kept slabs, in order
+    factors: list[dict[int, FactorRows]]  # per expert: slab index -> its rows (dropped slabs absent)
+
+
+def store_block(weights: Sequence[torch.Tensor], block: "DecomposedBlock", decomposition: "Decomposition") -> StoredBlock:
+    """The stored form of :func:`apply_block`'s reconstruction: the same basis and factors, each stored slab's rows
+    as RTN codes (``.dequantize()`` is exactly :func:`quantize_rows`) or fp16."""
+    basis, fs = decompose_block(weights, block)
+    kept = torch.tensor([k for s in block.slabs if s.basis_kept for k in range(s.start, s.stop)], dtype=torch.long)
+    stored = []
+    for e, f in enumerate(fs):
+        stored.append({i: _store_rows(f[a:b], w, decomposition.group_size, decomposition.symmetric)
+                       for i, (a, b, w) in enumerate(expert_slabs(block, e)) if w})
+    return StoredBlock(basis[kept].half(), stored)
+
+
+def _store_rows(f: torch.Tensor, width: int, group_size: int, symmetric: bool) -> FactorRows:
+    return f.half() if width == BASIS_BITS else rtn_quantize(f, width, group_size, symmetric)
+
+
+def kept_offsets(block: "DecomposedBlock") -> list[Optional[int]]:
+    """Each slab's first row in the stored (kept) basis; None for a slab the basis drops."""
+    out, pos = [], 0
+    for s in block.slabs:
+        out.append(pos if s.basis_kept else None)
+        pos += (s.stop - s.start) if s.basis_kept else 0
     return out

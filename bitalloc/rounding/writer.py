@@ -13,6 +13,11 @@ routers, lm_head), tokenizer files, the plan (``bitalloc-plan.json``) and proven
 (``bitalloc-provenance.json``). Fused 3-D expert tensors are written per expert, under the names
 the plan uses (``mlp.experts.E.gate_proj``), which is the layout transformers converts on load.
 
+A plan with a BitsMoE ``decomposition`` stores those experts as shared bases and factor slabs instead
+(:mod:`.decomposed`); ``quantization_config`` then covers the other modules, and ``config.json`` names the
+model_type ``bitalloc_bitsmoe`` (the original one under ``bitalloc_decomposition``) so that plain
+transformers refuses the directory rather than initializing the experts it cannot find at random.
+
 Safety: OUT is assembled in a temporary directory beside it and renamed into place at the end, so
 an exception or an interrupt leaves nothing at OUT (and removes the temporary directory); an
 existing OUT is refused unless ``overwrite``; the input directory is only read. Memory: tensors are
@@ -34,11 +39,13 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, OutputError, PlanError
-from ..model.checkpoint import Checkpoint
+from ..model.checkpoint import DECOMPOSED_KEY, DECOMPOSED_MODEL_TYPE, Checkpoint
 from ..plan import Entry, Plan, Role
 from ..progress import SILENT, Tracker
 from .base import Quantized, QuantizedWeight
 from .checkpoint import FORMAT, pack
+from .decomposed import block_tensors, check_writable
+from .lowrank import StoredBlock
 
 PLAN_FILE = "bitalloc-plan.json"
 PROVENANCE_FILE = "bitalloc-provenance.json"
@@ -72,7 +79,10 @@ def quantization_config(plan: Plan) -> dict[str, Any]:
 
 def _refuse_unwritable(plan: Plan) -> None:
     """Segments, partial groups and quantized embeddings have no pack-quantized form; say so before any work."""
+    check_writable(plan)
     for e in plan.entries:
+        if e.decomposed:
+            continue
         if e.segments:
             raise PlanError(f"the pack-quantized format stores one width per module; the plan splits {e.tensor} into "
                             f"{len(e.segments)} column segments (--granularity slab). Re-plan with --granularity "
@@ -124,16 +134,23 @@ def check_output(out: str | os.PathLike, ckpt: Checkpoint, overwrite: bool) -> P
 
 def write_quantized(ckpt: Checkpoint, plan: Plan, weights: Mapping[str, Quantized], out_dir: str | os.PathLike,
                     provenance: dict[str, Any], overwrite: bool = False, shard_bytes: int = SHARD_BYTES,
-                    track: Tracker = SILENT) -> Path:
-    """Write ``weights`` (tensor name -> QuantizedWeight, one per unlocked plan entry) and ``ckpt``'s other
-    tensors to ``out_dir``; returns its path.
+                    track: Tracker = SILENT, blocks: Mapping[str, StoredBlock] | None = None) -> Path:
+    """Write ``weights`` (tensor name -> QuantizedWeight, one per unlocked plan entry that is not decomposed),
+    ``blocks`` (basis name -> stored form of each block of the plan's decomposition, if it has one) and ``ckpt``'s
+    other tensors to ``out_dir``; returns its path.
 
     The caller checks that ``plan`` belongs to ``ckpt`` (``check_plan_matches``); here the weights are
     checked against the plan (names, shapes, widths, groups) as they are written.
     """
     t0 = time.perf_counter()
     qcfg, out = preflight(ckpt, plan, out_dir, overwrite)
-    quantized = {e.tensor: e for e in plan.entries if not e.locked}
+    blocks = blocks or {}
+    planned = [b.basis for b in plan.decomposition.blocks] if plan.decomposition else []
+    if sorted(blocks) != sorted(planned):
+        raise PlanError(f"the decomposed blocks given ({len(blocks)}) are not the plan's ({len(planned)}): "
+                        "decompose the experts by this plan (rounding.decomposed.decompose_checkpoint)")
+    decomposed = {e.tensor for e in plan.entries if e.decomposed}
+    quantized = {e.tensor: e for e in plan.entries if not e.locked and not e.decomposed}
     missing = sorted(set(quantized) - set(weights))
     extra = sorted(set(weights) - set(quantized))
     if missing or extra:
@@ -151,15 +168,19 @@ def write_quantized(ckpt: Checkpoint, plan: Plan, weights: Mapping[str, Quantize
         for name in ckpt.tensors:
             if name in fused:
                 for e in fused[name]:
-                    shards.add_module(e.module, _packed(e, weights[e.tensor]))
+                    if not e.decomposed:
+                        shards.add_module(e.module, _packed(e, weights[e.tensor]))
             elif name in quantized:
                 e = quantized[name]
                 shards.add_module(e.module, _packed(e, weights[name]))
-            else:
+            elif name not in decomposed:
                 shards.add(name, ckpt.load(name))
             task.advance()
+        for b in plan.decomposition.blocks if plan.decomposition else []:
+            for name, t in block_tensors(b, blocks[b.basis]):
+                shards.add(name, t)
         shards.finish()
-        _write_json(tmp / "config.json", {**ckpt.config, "quantization_config": qcfg})
+        _write_json(tmp / "config.json", _config(ckpt, plan, qcfg))
         for f in AUX_FILES:
             if (ckpt.path / f).is_file():
                 shutil.copyfile(ckpt.path / f, tmp / f)
@@ -170,6 +191,16 @@ def write_quantized(ckpt: Checkpoint, plan: Plan, weights: Mapping[str, Quantize
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _config(ckpt: Checkpoint, plan: Plan, qcfg: dict[str, Any]) -> dict[str, Any]:
+    """The input's config.json with ``qcfg``; for a decomposed plan, marked so that only bitalloc loads it."""
+    config = {**ckpt.config, "quantization_config": qcfg}
+    if plan.decomposition is not None:
+        config.update({"model_type": DECOMPOSED_MODEL_TYPE, DECOMPOSED_KEY: {
+            "model_type": ckpt.arch, "method": plan.decomposition.method, "plan": PLAN_FILE,
+            "load_with": "bitalloc.api.quantization.load_quantized (docs/checkpoint.md)"}})
+    return config
 
 
 def _fused_members(plan: Plan, ckpt: Checkpoint) -> dict[str, list[Entry]]:
