@@ -289,6 +289,23 @@ def tinygemm_weights(out: int, inp: int) -> list[tuple[torch.Tensor, torch.Tenso
     return sets
 
 
+def verify(row: dict, x: torch.Tensor, kw: KernelWeight, codes: Codes) -> None:
+    """The timed configuration, on the timed shape: the module path (a bound launch by now) against
+    the fp32 reference, and bit for bit against triton's own launch of the same kernel."""
+    if not row:
+        return
+    y = quant_linear_impl(x, kw.qweight, kw.scale_zero, kw.bits, GROUP, kw.in_features)
+    row["rel_err"] = rel_err(y, reference.linear(x, codes))
+    kind = dispatch.path(x.shape[0])
+    if kind != "dequant":
+        slow = torch.empty_like(y)
+        launch(kind, x, kw, slow)
+        row["bound_equals_triton"] = bool(torch.equal(y, slow))
+    ok = row["rel_err"] < 1e-2 and row.get("bound_equals_triton", True)
+    print(f"verify {row['out']}x{row['in']} M={row['M']} {kw.bits}b: rel err {row['rel_err']:.1e}, "
+          f"bound == triton: {row.get('bound_equals_triton')} {'ok' if ok else 'FAIL'}", flush=True)
+
+
 def gemlite_layers(codes: dict[int, list[Codes]]) -> dict[int, list[torch.nn.Module]]:
     """GemLite 0.6 linears (its default Triton path, bf16 in and out) holding the same codes as ours,
     at the widths it supports (8, 4, 2); its zero points follow HQQ's ``(q - zero) * scale``."""
@@ -306,7 +323,7 @@ def gemlite_layers(codes: dict[int, list[Codes]]) -> dict[int, list[torch.nn.Mod
     return layers
 
 
-def bench(path: str, shapes: tuple[tuple[int, int], ...]) -> None:
+def bench(path: str, shapes: tuple[tuple[int, int], ...], gemlite_config: str | None = None) -> None:
     torch.manual_seed(0)
     bw = copy_bandwidth()
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -318,6 +335,9 @@ def bench(path: str, shapes: tuple[tuple[int, int], ...]) -> None:
         import gemlite
 
         meta["gemlite"] = getattr(gemlite, "__version__", "importable")
+        if gemlite_config and Path(gemlite_config).exists():  # its autotune results from an earlier run
+            gemlite.load_config(gemlite_config)
+            meta["gemlite_config"] = gemlite_config
     except ImportError:
         meta["gemlite"] = "not installed: skipped"
     print(json.dumps(meta), flush=True)
@@ -339,10 +359,11 @@ def bench(path: str, shapes: tuple[tuple[int, int], ...]) -> None:
         except Exception as e:  # reported in the row and the table, the run goes on
             row["error"] = repr(e)[:300]
             print(json.dumps(row), flush=True)
-            return
+            return {}
         row["bw_share"] = nbytes / (row["graph_us"] * 1e-6) / bw
         rows.append(row)
         print(json.dumps(row), flush=True)
+        return row
 
     for out, inp in shapes:
         dense = [torch.randn(out, inp, device="cuda").to(torch.bfloat16) * 0.02
@@ -357,6 +378,7 @@ def bench(path: str, shapes: tuple[tuple[int, int], ...]) -> None:
                         for i in range(ROTATE)] for bits in WIDTHS}
         ours = {bits: [repack(c) for c in cs] for bits, cs in codes.items()}
         lite = gemlite_layers(codes) if "skipped" not in meta["gemlite"] else {}
+        first = {bits: cs[0] for bits, cs in codes.items()}  # what each timed kernel is checked against
         del codes
         for m in BATCHES:
             x = torch.randn(m, inp, device="cuda").to(torch.bfloat16)
@@ -374,9 +396,10 @@ def bench(path: str, shapes: tuple[tuple[int, int], ...]) -> None:
                        out * inp * bits // 8 + 4 * out * inp // GROUP + act)
             for bits, kws in ours.items():
                 nbytes = kws[0].qweight.numel() * 4 + kws[0].scale_zero.numel() * 2 + act
-                record((out, inp), m, "ours", bits,
-                       [lambda kw=kw, x=x, b=bits, k=inp: quant_linear_impl(
-                           x, kw.qweight, kw.scale_zero, b, GROUP, k) for kw in kws], nbytes)
+                row = record((out, inp), m, "ours", bits,
+                             [lambda kw=kw, x=x, b=bits, k=inp: quant_linear_impl(
+                                 x, kw.qweight, kw.scale_zero, b, GROUP, k) for kw in kws], nbytes)
+                verify(row, x, kws[0], first[bits])
         for m in CROSSOVER_BATCHES if (out, inp) == shapes[0] else ():
             x = torch.randn(m, inp, device="cuda").to(torch.bfloat16)
             y = torch.empty(m, out, dtype=torch.bfloat16, device="cuda")
@@ -389,6 +412,10 @@ def bench(path: str, shapes: tuple[tuple[int, int], ...]) -> None:
         del dense, tiny, ours, lite
         torch.cuda.empty_cache()
     Path(path).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    if gemlite_config and "skipped" not in meta["gemlite"]:
+        import gemlite
+
+        gemlite.cache_config(gemlite_config)
     summarize(rows, shapes)
 
 
@@ -403,7 +430,7 @@ def summarize(rows: list[dict], shapes: tuple[tuple[int, int], ...]) -> None:
             tg = by.get((out, inp, m, "tinygemm_int4", 4), {}).get("graph_us", float("nan"))
             cells = []
             for bits in WIDTHS:
-                r = by[(out, inp, m, "ours", bits)]
+                r = by.get((out, inp, m, "ours", bits), {"error": "missing"})
                 if "error" in r:
                     cells.append(f"{bits}b error")
                     continue
@@ -425,6 +452,8 @@ def main() -> None:
     p.add_argument("--check", action="store_true", help="every kernel vs the torch reference")
     p.add_argument("--json", metavar="OUT", help="run the comparison, write the rows here")
     p.add_argument("--shapes", nargs="*", metavar="OUTxIN", help="only these weight shapes")
+    p.add_argument("--gemlite-config", metavar="JSON", help="GemLite's autotune cache: read if present, "
+                   "written after the run (its autotuning takes minutes per run otherwise)")
     args = p.parse_args()
     shapes = tuple(tuple(int(v) for v in s.split("x")) for s in args.shapes) if args.shapes else SHAPES
     if not torch.cuda.is_available():
@@ -433,7 +462,7 @@ def main() -> None:
         warm(args.bits, args.warm, shapes)
     ok = check() if args.check else True
     if args.json:
-        bench(args.json, shapes)
+        bench(args.json, shapes, args.gemlite_config)
     sys.exit(0 if ok else 1)
 
 

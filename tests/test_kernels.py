@@ -148,7 +148,7 @@ def _kernels():
 
 
 def run_kernel(kernel: str, bits: int, group: int, inp: int, m: int, dtype: torch.dtype,
-               split_k: int = 1):
+               split_k: int = 1, pair: int = 0):
     gemv, gemm, dispatch = _kernels()
     c = make_codes(33, inp, bits, group, dtype, seed=m)
     kw = repack(c)
@@ -156,7 +156,8 @@ def run_kernel(kernel: str, bits: int, group: int, inp: int, m: int, dtype: torc
     out = torch.full((m, 33), float("nan"), dtype=dtype)
     consts = dispatch.constants(kw)
     if kernel == "gemv":
-        gemv.gemv(x, kw, out, consts, gemv.triton.Config({"BLOCK_N": 32, "SPLIT": 2}))
+        gemv.gemv(x, kw, out, consts, gemv.triton.Config({"BLOCK_N": 16 if pair else 32, "SPLIT": 2,
+                                                          "PAIR": pair}))
     else:
         gemm.gemm(x, kw, out, consts, gemm.triton.Config({"BLOCK_N": 32, "SPLIT_K": split_k}))
     return out, reference.linear(x, c)
@@ -172,8 +173,10 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("group", GROUPS)
 @pytest.mark.parametrize("inp", (96, 192))
 @pytest.mark.parametrize("m", (1, 3))
-def test_interpreted_gemv_matches_reference(bits, group, inp, m):
-    out, ref = run_kernel("gemv", bits, group, inp, m, torch.bfloat16)
+@pytest.mark.parametrize("pair", (0, 1))
+def test_interpreted_gemv_matches_reference(bits, group, inp, m, pair):
+    """PAIR: rows n and n + 16 per program (33 rows: the second program's second half is masked)."""
+    out, ref = run_kernel("gemv", bits, group, inp, m, torch.bfloat16, pair=pair)
     assert rel_err(out, ref) < 1e-2  # bf16 output rounding is ~4e-3
 
 
