@@ -26,7 +26,7 @@ from bitalloc.api.config import CalibrationConfig
 from bitalloc.budget import GGML_TYPES, parse_budget
 from bitalloc.cli import app
 from bitalloc.export import export_plan, llamacpp_command
-from bitalloc.export.llamacpp import gguf_name, tensor_name_map
+from bitalloc.model.gguf_names import gguf_name, tensor_name_map
 from bitalloc.plan import GGML_CANDIDATES, Plan, ggml_candidate
 from bitalloc.rounding import kquants
 

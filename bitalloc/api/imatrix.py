@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ScoresError
-from ..export.llamacpp import gguf_name, tensor_name_map
 from ..model.checkpoint import Checkpoint
+from ..model.gguf_names import gguf_name, tensor_name_map
 from ..model.inventory import build_inventory
 from ..plan import atomic_write_bytes
 from ..sensitivity.table import IN_SUM2
