@@ -34,7 +34,7 @@ from ..plan import (LOCKED_BITS, BudgetInfo, CalibrationInfo, Candidate, Constra
                     ScoresInfo, SolverInfo)
 from ..progress import SILENT, Tracker
 from ..sensitivity.table import ErrorTable
-from .config import CalibrationConfig, SolveConfig
+from .config import CalibrationConfig, SolveConfig, check_seqlen
 from .context import ModelContext
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ def calibration_ids(ckpt: "Checkpoint", calib: str | Path, calibration: Calibrat
     """(hashed tokens, [n, seqlen] windows) of the calibration text, as every calibration pass samples them."""
     from ..model.calib import calibration_windows, tokenize_hashed
 
-    ckpt.check_seqlen(calibration.seqlen)
+    check_seqlen(ckpt, calibration.seqlen)
     tokens = tokenize_hashed(ckpt.path, calib, calibration.tokens)
     return tokens, calibration_windows(tokens.ids, calibration.tokens, calibration.seqlen, calibration.seed)
 

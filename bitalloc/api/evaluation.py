@@ -28,7 +28,7 @@ from ..plan import SLAB_WIDTH, Decomposition, DecomposedBlock, Plan, Role
 from ..progress import SILENT, Tracker
 from ..rounding.lowrank import apply_block
 from ..rounding.rtn import Runs, fake_quantize
-from .config import check_candidate, check_count
+from .config import check_candidate, check_count, check_seqlen
 
 EVAL_BATCH = 8
 _NOT_QUANTIZABLE = (Role.norm, Role.bias, Role.router, Role.other)  # locked whatever the flags
@@ -106,7 +106,7 @@ class Evaluator:
         if tokens < seqlen:
             raise CalibrationError(f"--tokens {tokens} is less than one window of --seqlen {seqlen}; raise --tokens "
                                    "or lower --seqlen")
-        ckpt.check_seqlen(seqlen)
+        check_seqlen(ckpt, seqlen)
         self.ckpt, self.device = ckpt, device
         self._text, self._tokens, self._seqlen = text, tokens, seqlen
 
