@@ -396,11 +396,8 @@ def quantize_cmd(
     """Quantize MODEL as the plan says into a checkpoint that transformers and `bitalloc eval` load (a BitsMoE
     plan's decomposed experts: `bitalloc eval` and `load_quantized` only; docs/checkpoint.md)."""
     from .api import quantize
-    from .api.outputs import Inputs, check_output_dir
     from .progress import tracker
 
-    # OUT is replaced as a whole (--overwrite): no input may live anywhere inside it
-    check_output_dir(output, Inputs.of({"the --plan file": plan, "the --calib text": calib}, models=[model]), ("*",))
     with tracker(quiet) as track:
         out = quantize(model, plan, method, calib, out=output, calibration=calibration, overwrite=overwrite,
                        track=track)

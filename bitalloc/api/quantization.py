@@ -41,6 +41,7 @@ from ..rounding.loader import load_quantized_model
 from ..rounding.writer import preflight, write_quantized
 from .config import CalibrationConfig
 from .evaluation import EVAL_BATCH, EvalResult, check_finite_loss, check_plan_matches
+from .outputs import Inputs, check_output_dir
 
 
 def quantize(model: str | Path | Checkpoint, plan: Plan | str | Path, method: str, calib: str | Path, *,
@@ -49,12 +50,16 @@ def quantize(model: str | Path | Checkpoint, plan: Plan | str | Path, method: st
     """Quantize ``model`` as ``plan`` says with ``method`` (rtn | gptq | gsq | discquant) and write OUT.
 
     ``calibration`` gives the windows (tokens, seqlen, seed) and the device; ``rounding`` the
-    methods' settings. Returns OUT. Refusals (plan for another model, segments, existing OUT,
-    unknown method) happen before any calibration work. A plan with a BitsMoE decomposition is
-    written with ``rtn`` only: its experts as shared bases plus RTN factor slabs, exactly as
-    ``bitalloc eval --plan`` reconstructs them (docs/checkpoint.md).
+    methods' settings. Returns OUT. Refusals (an OUT that would replace an input, plan for another
+    model, segments, existing OUT, unknown method) happen before any calibration work. A plan with a
+    BitsMoE decomposition is written with ``rtn`` only: its experts as shared bases plus RTN factor
+    slabs, exactly as ``bitalloc eval --plan`` reconstructs them (docs/checkpoint.md).
     """
     calibration = calibration or CalibrationConfig()
+    # OUT is replaced as a whole (overwrite): no input may live anywhere inside it, whatever else is wrong
+    check_output_dir(out, Inputs.of({"the --plan file": None if isinstance(plan, Plan) else plan,
+                                     "the --calib text": calib},
+                                    models=[model.path if isinstance(model, Checkpoint) else model]), ("*",))
     if method not in METHODS:
         raise BitallocError(f"unknown rounding method {method!r}; choose one of {', '.join(METHODS)}")
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
