@@ -156,8 +156,11 @@ def test_imatrix_file_reads_with_gguf_py_under_gguf_names(wide_llama, wide_score
     from gguf import GGUFReader
 
     from bitalloc.api.imatrix import write_imatrix
+    from bitalloc.model.checkpoint import Checkpoint
+    from bitalloc.model.inventory import build_inventory
 
-    path = write_imatrix(wide_scores, wide_llama, tmp_path / "imatrix.gguf")
+    ckpt = Checkpoint(wide_llama)
+    path = write_imatrix(wide_scores, ckpt, build_inventory(ckpt), tmp_path / "imatrix.gguf")
     r = GGUFReader(str(path))
     assert bytes(r.fields["general.type"].parts[-1]).decode() == "imatrix"
     assert {"imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"} <= set(r.fields)
