@@ -40,7 +40,7 @@ from ..rounding.decomposed import decompose_checkpoint
 from ..rounding.loader import load_quantized_model
 from ..rounding.writer import preflight, write_quantized
 from .config import CalibrationConfig
-from .evaluation import EVAL_BATCH, EvalResult, check_finite_loss, check_plan_matches
+from .evaluation import EVAL_BATCH, EvalResult, check_finite_loss, check_plan_matches, checkpoint_units
 from .outputs import Inputs, check_output_dir
 
 
@@ -68,7 +68,7 @@ def quantize(model: str | Path | Checkpoint, plan: Plan | str | Path, method: st
                         "with RTN as `eval --plan` measured them, and the other methods would calibrate later layers "
                         "on experts that are not; use --method rtn")
     ckpt = model if isinstance(model, Checkpoint) else Checkpoint(model)
-    check_plan_matches(plan, ckpt)
+    check_plan_matches(plan, ckpt, checkpoint_units(ckpt))
     preflight(ckpt, plan, out, overwrite)  # segments, partial groups, an existing OUT: refused before calibrating
     device = resolve_device(calibration.device)
 
