@@ -30,7 +30,7 @@ from ..model.calib import (
     tokenize,
 )
 from ..model.checkpoint import Checkpoint
-from ..model.layerwise import resolve_device, run_workdir
+from ..model.layerwise import resolve_device, run_workdir, window_loss
 from ..plan import Plan
 from ..progress import SILENT, Tracker
 from ..rounding.apply import METHODS, quantize_layers
@@ -139,7 +139,6 @@ def _total_loss(lm: torch.nn.Module, ids: torch.Tensor, track: Tracker) -> float
             batch = ids[start:start + EVAL_BATCH]
             hidden = lm.model(input_ids=batch, use_cache=False).last_hidden_state
             for h, seq in zip(hidden, batch):
-                logits = lm.lm_head(h).float()
-                total += float(torch.nn.functional.cross_entropy(logits[:-1], seq[1:], reduction="sum"))
+                total += window_loss(lm.lm_head(h).float(), seq)
             task.advance()
     return total
