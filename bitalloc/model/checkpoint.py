@@ -18,7 +18,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CalibrationError, CheckpointError
+from ..errors import CheckpointError
 from ..plan import check_path
 
 if TYPE_CHECKING:
