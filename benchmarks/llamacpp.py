@@ -134,7 +134,7 @@ def gguf_types(path: Path) -> dict[str, str]:
 
 def check_types(plan_path: Path, gguf: Path) -> int:
     """Tensors whose type in ``gguf`` differs from the plan's (0 expected)."""
-    from bitalloc.export.llamacpp import gguf_name, tensor_name_map
+    from bitalloc.model.gguf_names import gguf_name, tensor_name_map
     from bitalloc.plan import Plan
 
     plan = Plan.load(plan_path)

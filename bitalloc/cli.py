@@ -352,23 +352,17 @@ def scores_cmd(
     *, calibration,
 ) -> None:
     """Compute and save the error table only; `allocate --scores` re-solves any budget from it."""
-    from dataclasses import replace
-
-    from .api import compute_scores, write_imatrix, writes_outputs
+    from .api import compute_scores, writes_outputs
     from .api.outputs import Inputs, check_output_files
     from .progress import tracker
 
     check_output_files(Inputs.of({"the --calib text": calib}, models=[model]), output, imatrix)
-    if imatrix is not None:
-        calibration = replace(calibration, imatrix=True)
     quiet = quiet or not writes_outputs()
     with tracker(quiet) as track:
-        table = compute_scores(model, calib, calibration, track)
+        table = compute_scores(model, calib, calibration, track, imatrix=imatrix)
     if not writes_outputs():  # another torchrun rank: its share is done, rank 0 writes
         return
     table.save(output)
-    if imatrix is not None:
-        write_imatrix(table, model, imatrix)
     if not quiet:
         typer.echo(f"wrote {output}: {len(table.tensors)} tensors x {len(table.candidates)} candidates; "
                    f"scores {', '.join(sorted(table.scores))} (default {table.score})")
@@ -396,11 +390,8 @@ def quantize_cmd(
     """Quantize MODEL as the plan says into a checkpoint that transformers and `bitalloc eval` load (a BitsMoE
     plan's decomposed experts: `bitalloc eval` and `load_quantized` only; docs/checkpoint.md)."""
     from .api import quantize
-    from .api.outputs import Inputs, check_output_dir
     from .progress import tracker
 
-    # OUT is replaced as a whole (--overwrite): no input may live anywhere inside it
-    check_output_dir(output, Inputs.of({"the --plan file": plan, "the --calib text": calib}, models=[model]), ("*",))
     with tracker(quiet) as track:
         out = quantize(model, plan, method, calib, out=output, calibration=calibration, overwrite=overwrite,
                        track=track)

@@ -29,7 +29,11 @@ RULES: list[tuple[str, str, set[str], str]] = [
     ("rounding", "forbid", {"bitalloc.sensitivity", "bitalloc.allocator"}, "rounding follows a plan, it does not make one"),
     ("cli", "allow", {"bitalloc.api", "bitalloc.plan", "bitalloc.export", "bitalloc.report", "bitalloc.errors",
                       "bitalloc.progress"}, "the CLI is a thin layer over the API"),
-    ("export", "allow", {"bitalloc.export", "bitalloc.plan", "bitalloc.errors"}, "exporters read plans only"),
+    ("export", "allow", {"bitalloc.export", "bitalloc.plan", "bitalloc.errors", "bitalloc.model.gguf_names"},
+     "exporters read plans only (and name tensors as GGUF does)"),
+    ("model", "allow", {"bitalloc.model", "bitalloc.plan", "bitalloc.budget", "bitalloc.errors"},
+     "the model layer comes first: it reads checkpoints and depends on no later stage"),
+    ("model.gguf_names", "allow", {"bitalloc.errors"}, "GGUF tensor names are pure data the exporters may read"),
 ]
 
 
@@ -116,6 +120,8 @@ def test_resolve_path_modules_do_not_import_torch(module):
     ("cli.py", "def f():\n    from .sensitivity.collect import measure_errors",
      "bitalloc.cli imports bitalloc.sensitivity.collect"),
     ("export/torchao.py", "from ..model.checkpoint import Checkpoint", "bitalloc.export.torchao imports bitalloc.model"),
+    ("model/gguf.py", "from ..export.llamacpp import export", "bitalloc.model.gguf imports bitalloc.export"),
+    ("model/gguf_names.py", "from .checkpoint import Checkpoint", "bitalloc.model.gguf_names imports bitalloc.model"),
 ])
 def test_a_planted_forbidden_import_is_caught(tmp_path, victim, line, expected):
     copy = tmp_path / "bitalloc"

@@ -26,7 +26,7 @@ from bitalloc.api.config import CalibrationConfig
 from bitalloc.budget import GGML_TYPES, parse_budget
 from bitalloc.cli import app
 from bitalloc.export import export_plan, llamacpp_command
-from bitalloc.export.llamacpp import gguf_name, tensor_name_map
+from bitalloc.model.gguf_names import gguf_name, tensor_name_map
 from bitalloc.plan import GGML_CANDIDATES, Plan, ggml_candidate
 from bitalloc.rounding import kquants
 
@@ -156,8 +156,11 @@ def test_imatrix_file_reads_with_gguf_py_under_gguf_names(wide_llama, wide_score
     from gguf import GGUFReader
 
     from bitalloc.api.imatrix import write_imatrix
+    from bitalloc.model.checkpoint import Checkpoint
+    from bitalloc.model.inventory import build_inventory
 
-    path = write_imatrix(wide_scores, wide_llama, tmp_path / "imatrix.gguf")
+    ckpt = Checkpoint(wide_llama)
+    path = write_imatrix(wide_scores, ckpt, build_inventory(ckpt), tmp_path / "imatrix.gguf")
     r = GGUFReader(str(path))
     assert bytes(r.fields["general.type"].parts[-1]).decode() == "imatrix"
     assert {"imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"} <= set(r.fields)

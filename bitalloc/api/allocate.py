@@ -34,7 +34,7 @@ from ..plan import (LOCKED_BITS, BudgetInfo, CalibrationInfo, Candidate, Constra
                     ScoresInfo, SolverInfo)
 from ..progress import SILENT, Tracker
 from ..sensitivity.table import ErrorTable
-from .config import CalibrationConfig, SolveConfig
+from .config import CalibrationConfig, SolveConfig, check_seqlen
 from .context import ModelContext
 
 if TYPE_CHECKING:
@@ -51,22 +51,39 @@ def writes_outputs() -> bool:
 
 
 def compute_scores(model: str | Path, calib: str | Path, calibration: Optional[CalibrationConfig] = None,
-                   track: Tracker = SILENT) -> ErrorTable:
+                   track: Tracker = SILENT, *, imatrix: Optional[str | Path] = None) -> ErrorTable:
     """One calibration pass: every score family's predicted error of every unit at every candidate.
 
     Launched by torchrun (``torchrun --nproc-per-node N $(which bitalloc) scores ...``), the pass is
-    spread over the processes (``model.distributed``) and every rank returns the same table.
+    spread over the processes (``model.distributed``) and every rank returns the same table. ``imatrix``:
+    where to write llama.cpp's importance matrix from the same pass (``--target llamacpp``), written here
+    because the checkpoint and its inventory are open here.
     """
-    calibration = calibration or CalibrationConfig()
+    calibration = _with_imatrix(calibration or CalibrationConfig(), imatrix)
     ctx = ModelContext.build(model, calibration, SolveConfig())
-    return _measure(ctx, calib, calibration, track, with_combined=True)
+    table = _measure(ctx, calib, calibration, track, with_combined=True)
+    _write_imatrix(ctx, table, imatrix)
+    return table
+
+
+def _with_imatrix(calibration: CalibrationConfig, imatrix: Optional[str | Path]) -> CalibrationConfig:
+    """``calibration`` collecting the activation sums an importance matrix needs when one is to be written."""
+    return replace(calibration, imatrix=True) if imatrix is not None and not calibration.imatrix else calibration
+
+
+def _write_imatrix(ctx: ModelContext, table: ErrorTable, imatrix: Optional[str | Path]) -> None:
+    """Write ``table``'s importance matrix to ``imatrix`` when asked, on the one process that writes outputs."""
+    if imatrix is not None and writes_outputs():
+        from .imatrix import write_imatrix
+
+        write_imatrix(table, ctx.ckpt, ctx.inv, imatrix)
 
 
 def calibration_ids(ckpt: "Checkpoint", calib: str | Path, calibration: CalibrationConfig):
     """(hashed tokens, [n, seqlen] windows) of the calibration text, as every calibration pass samples them."""
     from ..model.calib import calibration_windows, tokenize_hashed
 
-    ckpt.check_seqlen(calibration.seqlen)
+    check_seqlen(ckpt, calibration.seqlen)
     tokens = tokenize_hashed(ckpt.path, calib, calibration.tokens)
     return tokens, calibration_windows(tokens.ids, calibration.tokens, calibration.seqlen, calibration.seed)
 
@@ -112,9 +129,7 @@ def allocate(model: str | Path, budget: str | float, calib: Optional[str | Path]
         The validated :class:`Plan`; nothing is written unless ``save_scores`` or ``imatrix`` is set.
     """
     t_start = time.perf_counter()
-    calibration, solve = calibration or CalibrationConfig(), solve or SolveConfig()
-    if imatrix is not None and not calibration.imatrix:
-        calibration = replace(calibration, imatrix=True)
+    calibration, solve = _with_imatrix(calibration or CalibrationConfig(), imatrix), solve or SolveConfig()
     ctx = ModelContext.build(model, calibration, solve)
     parsed = parse_budget(budget)
     if solve.method == "bitsmoe":
@@ -129,10 +144,7 @@ def allocate(model: str | Path, budget: str | float, calib: Optional[str | Path]
         timings["sensitivity_s"] = time.perf_counter() - t0
         if save_scores is not None and writes_outputs():
             table.save(save_scores)
-    if imatrix is not None and writes_outputs():
-        from .imatrix import write_imatrix
-
-        write_imatrix(table, ctx.ckpt.path, imatrix)
+    _write_imatrix(ctx, table, imatrix)
     plan = _solve(ctx, problem, table, parsed, calibration.seed, track)
     return plan.model_copy(update={"timings": {**timings, "solve_s": plan.solver.seconds,
                                                "total_s": time.perf_counter() - t_start}})

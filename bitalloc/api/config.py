@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import TYPE_CHECKING, Mapping, Optional
 
 from ..allocator import SOLVERS, Constraints
 from ..allocator.constraints import MAX_BITS, MAX_GROUP_SIZE
@@ -21,6 +22,9 @@ from ..errors import BitallocError, CalibrationError, ConstraintError
 from ..model.calib import CALIB_SEQLEN, CALIB_TOKENS
 from ..plan import DEFAULT_CANDIDATES, GGML_CANDIDATES, GGML_CODES, RANK_SLAB, SLAB_WIDTH, Candidate, ggml_candidate
 from ..sensitivity.table import DEFAULT_SCORE
+
+if TYPE_CHECKING:
+    from ..model.checkpoint import Checkpoint
 
 
 METHODS = ("per-tensor", "bitsmoe")  # how MoE experts are allocated: whole tensors, or BitsMoE spectral slabs
@@ -148,6 +152,7 @@ class SolveConfig:
 
 
 MAX_COUNT = 2**31  # tokens or a window length beyond this is a typo, and overflows int32 indexing
+MAX_POSITION_FACTOR = 4  # windows up to 4x the trained positions are warned about, longer ones refused
 _DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
@@ -155,6 +160,25 @@ def check_count(value: int, option: str, what: str) -> None:
     """A positive integer option (tokens, window length), bounded; 0 or negative used to be silently replaced."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_COUNT:
         raise CalibrationError(f"{option} {value!r} must be a positive integer (the {what}), at most {MAX_COUNT}")
+
+
+def check_seqlen(ckpt: "Checkpoint", seqlen: int) -> None:
+    """Warn about windows longer than the model's positions and refuse those far past them.
+
+    Past ``max_position_embeddings`` the numbers measure a model extrapolating its position encoding
+    (said in a warning: the fixed evaluation protocol's 512 exceeds some small models); past
+    :data:`MAX_POSITION_FACTOR` times it they measure nothing useful, and attention time grows with the
+    square of the window (65536 on a 1024-position model ran for minutes). Checked here, not by the
+    checkpoint: the message names the option that sets the window, which the model layer does not know.
+    """
+    limit = ckpt.config.get("max_position_embeddings")
+    if limit is None or seqlen <= limit:
+        return
+    if seqlen > MAX_POSITION_FACTOR * limit:
+        raise CalibrationError(f"--seqlen {seqlen} is far beyond the model's max_position_embeddings {limit}; "
+                               f"use --seqlen {limit} or less")
+    warnings.warn(f"--seqlen {seqlen} exceeds the model's max_position_embeddings {limit}: the model "
+                  "extrapolates its positions in every window", stacklevel=2)
 
 
 def check_candidate(bits: int, group_size: int, symmetric: bool = False) -> Candidate:

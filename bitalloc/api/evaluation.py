@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 
@@ -28,10 +28,11 @@ from ..plan import SLAB_WIDTH, Decomposition, DecomposedBlock, Plan, Role
 from ..progress import SILENT, Tracker
 from ..rounding.lowrank import apply_block
 from ..rounding.rtn import Runs, fake_quantize
-from .config import check_candidate, check_count
+from .config import check_candidate, check_count, check_seqlen
 
 EVAL_BATCH = 8
 _NOT_QUANTIZABLE = (Role.norm, Role.bias, Role.router, Role.other)  # locked whatever the flags
+_ASKED_FOR = (Role.lm_head, Role.embedding)  # quantized only when asked for (include flags, pins)
 
 
 @dataclass(frozen=True)
@@ -43,20 +44,32 @@ class EvalResult:
     label: str
 
 
-def quantization_map(ckpt: Checkpoint, plan: Optional[Plan], bits: Optional[int], group_size: int) -> dict[str, tuple[Unit, Runs]]:
-    """Which units to fake-quantize with which candidate(s): from a plan, uniformly, or none (fp)."""
+def checkpoint_units(ckpt: Checkpoint) -> dict[str, Unit]:
+    """Every unit of ``ckpt`` by tensor name, lm_head and embedding unlocked (a plan may quantize them): the one
+    inventory that a plan is checked against and applied with, built once per checkpoint."""
+    return {u.tensor: u for u in build_inventory(ckpt, include_lm_head=True, include_embeddings=True).units}
+
+
+def _quantized_by_default(units: Mapping[str, Unit]) -> list[Unit]:
+    """What the default inventory quantizes (no include flags): every unlocked unit but lm_head and embedding."""
+    return [u for u in units.values() if not u.locked and u.role not in _ASKED_FOR]
+
+
+def quantization_map(units: Mapping[str, Unit], plan: Optional[Plan], bits: Optional[int],
+                     group_size: int) -> dict[str, tuple[Unit, Runs]]:
+    """Which units (:func:`checkpoint_units`) to fake-quantize with which candidate(s): from a plan (checked
+    against them), uniformly, or none (fp)."""
     if plan is not None:
-        units = check_plan_matches(plan, ckpt)
         return {e.tensor: (units[e.tensor], e.column_choices()) for e in plan.entries if not e.locked and not e.decomposed}
     if bits is None:
         return {}
     cand = check_candidate(bits, group_size)
-    return {u.tensor: (u, [(0, u.shape[-1], cand)]) for u in build_inventory(ckpt).quantized}
+    return {u.tensor: (u, [(0, u.shape[-1], cand)]) for u in _quantized_by_default(units)}
 
 
-def check_plan_matches(plan: Plan, ckpt: Checkpoint) -> dict[str, Unit]:
-    """Refuse a plan for another model, or one whose entries do not describe this checkpoint; return the
-    checkpoint's units by tensor name.
+def check_plan_matches(plan: Plan, ckpt: Checkpoint, units: Mapping[str, Unit]) -> None:
+    """Refuse a plan for another model, or one whose entries do not describe this checkpoint (its
+    :func:`checkpoint_units`).
 
     The hashes match for a hand-edited plan too, so every entry is checked against the checkpoint: a
     missing tensor would silently stay unquantized, a wrong shape or role would quantize the wrong thing,
@@ -65,9 +78,8 @@ def check_plan_matches(plan: Plan, ckpt: Checkpoint) -> dict[str, Unit]:
     if plan.model.config_sha256 != ckpt.config_sha256 or plan.model.index_sha256 != ckpt.index_sha256:
         raise PlanError(f"the plan was made for a different model ({plan.model.path}, arch {plan.model.arch}); "
                         f"its config or weight index hash does not match {ckpt.path}")
-    units = {u.tensor: u for u in build_inventory(ckpt, include_lm_head=True, include_embeddings=True).units}
     entries = plan.entry_map()
-    missing = [u.tensor for u in build_inventory(ckpt).quantized if u.tensor not in entries]
+    missing = [u.tensor for u in _quantized_by_default(units) if u.tensor not in entries]
     if missing:
         raise PlanError(f"the plan has no entry for {missing[0]!r} ({len(missing)} quantizable tensor(s) missing); "
                         "make the plan again with `allocate` for this model")
@@ -92,7 +104,6 @@ def check_plan_matches(plan: Plan, ckpt: Checkpoint) -> dict[str, Unit]:
         if too_wide:
             raise PlanError(f"the plan gives {e.tensor} group_size {too_wide[0]}, wider than its {u.shape[-1]} "
                             f"input columns; use a group of at most {max(u.shape[-1], SLAB_WIDTH)}")
-    return units
 
 
 class Evaluator:
@@ -106,9 +117,14 @@ class Evaluator:
         if tokens < seqlen:
             raise CalibrationError(f"--tokens {tokens} is less than one window of --seqlen {seqlen}; raise --tokens "
                                    "or lower --seqlen")
-        ckpt.check_seqlen(seqlen)
+        check_seqlen(ckpt, seqlen)
         self.ckpt, self.device = ckpt, device
         self._text, self._tokens, self._seqlen = text, tokens, seqlen
+
+    @cached_property
+    def units(self) -> dict[str, Unit]:
+        """The checkpoint's units, listed once for every plan this evaluator scores."""
+        return checkpoint_units(self.ckpt)
 
     @cached_property
     def ids(self) -> torch.Tensor:
@@ -118,11 +134,13 @@ class Evaluator:
     def run(self, plan: Optional[Plan] = None, bits: Optional[int] = None, group_size: int = 128,
             track: Tracker = SILENT) -> EvalResult:
         t0 = time.perf_counter()
-        qmap = quantization_map(self.ckpt, plan, bits, group_size)
+        if plan is not None:
+            check_plan_matches(plan, self.ckpt, self.units)
+        qmap = quantization_map(self.units, plan, bits, group_size)
         label = "plan" if plan is not None else (f"uniform {bits}-bit g{group_size}" if bits else "unquantized")
         decomposition = plan.decomposition if plan is not None else None
         loss = check_finite_loss(_mean_loss(LayerwiseModel(self.ckpt, self.device), self.ids, qmap, label, track,
-                                            decomposition), f"{label} of {self.ckpt.path}")
+                                            decomposition, self.units), f"{label} of {self.ckpt.path}")
         return EvalResult(math.exp(loss), loss, int(self.ids.numel()), time.perf_counter() - t0, label)
 
 
@@ -139,15 +157,14 @@ def check_finite_loss(loss: float, what: str) -> float:
 
 
 def _mean_loss(lm: LayerwiseModel, ids: torch.Tensor, qmap: dict[str, tuple[Unit, Runs]], label: str,
-               track: Tracker, decomposition: Optional[Decomposition] = None) -> float:
+               track: Tracker, decomposition: Optional[Decomposition], units: Mapping[str, Unit]) -> float:
     """Mean next-token cross-entropy of ``ids`` with the units of ``qmap`` fake-quantized and the experts of
-    ``decomposition`` replaced by their reconstruction (quantized factors times the 16-bit basis), one layer
-    at a time."""
+    ``decomposition`` (found in ``units``) replaced by their reconstruction (quantized factors times the
+    16-bit basis), one layer at a time."""
     ids = ids.to(lm.device)
     blocks: dict[int, list[DecomposedBlock]] = {}
     for blk in decomposition.blocks if decomposition is not None else []:
         blocks.setdefault(blk.layer, []).append(blk)
-    experts = {u.tensor: u for u in build_inventory(lm.ckpt).quantized} if blocks else {}
     by_layer: dict[Optional[int], list[tuple[Unit, Runs]]] = {}
     for u, c in qmap.values():
         by_layer.setdefault(u.layer, []).append((u, c))
@@ -171,7 +188,7 @@ def _mean_loss(lm: LayerwiseModel, ids: torch.Tensor, qmap: dict[str, tuple[Unit
                 view = unit_view(layer, u)
                 view.copy_(fake_quantize(view, runs))
             for blk in blocks.get(i, []):
-                views = [unit_view(layer, experts[t]) for t in blk.experts]
+                views = [unit_view(layer, units[t]) for t in blk.experts]
                 for view, w in zip(views, apply_block(views, blk, decomposition)):
                     view.copy_(w)
             lm.run_layer_batched(layer, h, h, EVAL_BATCH)

@@ -20,21 +20,23 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ScoresError
-from ..export.llamacpp import gguf_name, tensor_name_map
 from ..model.checkpoint import Checkpoint
-from ..model.inventory import build_inventory
+from ..model.gguf_names import gguf_name, tensor_name_map
+from ..model.inventory import Inventory
 from ..plan import atomic_write_bytes
 from ..sensitivity.table import IN_SUM2
 from ..sensitivity.table import ErrorTable
 
 
-def imatrix_arrays(table: ErrorTable, ckpt: Checkpoint) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """GGUF tensor name -> (in_sum2 [n_mat, n_in], counts [n_mat, 1]), float32, experts in index order."""
+def imatrix_arrays(table: ErrorTable, inv: Inventory) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """GGUF tensor name -> (in_sum2 [n_mat, n_in], counts [n_mat, 1]), float32, experts in index order.
+
+    ``inv`` is any inventory of the table's checkpoint: only its architecture, layers and experts are read,
+    which lock states do not change."""
     if IN_SUM2 not in table.vectors:
         raise ScoresError("this error table holds no activation sums for an importance matrix; compute it with "
                           "--target llamacpp (and --calib)")
     values, offsets = table.vectors[IN_SUM2]
-    inv = build_inventory(ckpt, include_lm_head=True, include_embeddings=True)
     names = tensor_name_map(inv.arch, inv.num_layers)
     expert_of = {u.tensor: u.expert for u in inv.units}
     parts: dict[str, list[tuple[int, np.ndarray, int]]] = defaultdict(list)
@@ -54,13 +56,13 @@ def imatrix_arrays(table: ErrorTable, ckpt: Checkpoint) -> dict[str, tuple[np.nd
     return out
 
 
-def write_imatrix(table: ErrorTable, model: str | Path, path: str | Path) -> Path:
-    """Write the importance matrix of ``table``'s calibration pass over ``model`` to ``path`` (atomically)."""
+def write_imatrix(table: ErrorTable, ckpt: Checkpoint, inv: Inventory, path: str | Path) -> Path:
+    """Write the importance matrix of ``table``'s calibration pass over ``ckpt`` (inventory ``inv``, which the
+    caller built for that pass) to ``path`` (atomically)."""
     import gguf
 
-    ckpt = Checkpoint(model)
     table.check_matches(ckpt.config_sha256, ckpt.index_sha256, table.candidates, [])
-    arrays = imatrix_arrays(table, ckpt)
+    arrays = imatrix_arrays(table, inv)
     cal = table.meta.get("calibration") or {}
     with tempfile.TemporaryDirectory(dir=Path(os.path.realpath(path)).parent) as tmp:
         tmp_file = Path(tmp) / "imatrix.gguf"

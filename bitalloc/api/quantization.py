@@ -30,7 +30,7 @@ from ..model.calib import (
     tokenize,
 )
 from ..model.checkpoint import Checkpoint
-from ..model.layerwise import resolve_device, run_workdir
+from ..model.layerwise import resolve_device, run_workdir, window_loss
 from ..plan import Plan
 from ..progress import SILENT, Tracker
 from ..rounding.apply import METHODS, quantize_layers
@@ -40,7 +40,8 @@ from ..rounding.decomposed import decompose_checkpoint
 from ..rounding.loader import load_quantized_model
 from ..rounding.writer import preflight, write_quantized
 from .config import CalibrationConfig
-from .evaluation import EVAL_BATCH, EvalResult, check_finite_loss, check_plan_matches
+from .evaluation import EVAL_BATCH, EvalResult, check_finite_loss, check_plan_matches, checkpoint_units
+from .outputs import Inputs, check_output_dir
 
 
 def quantize(model: str | Path | Checkpoint, plan: Plan | str | Path, method: str, calib: str | Path, *,
@@ -49,12 +50,16 @@ def quantize(model: str | Path | Checkpoint, plan: Plan | str | Path, method: st
     """Quantize ``model`` as ``plan`` says with ``method`` (rtn | gptq | gsq | discquant) and write OUT.
 
     ``calibration`` gives the windows (tokens, seqlen, seed) and the device; ``rounding`` the
-    methods' settings. Returns OUT. Refusals (plan for another model, segments, existing OUT,
-    unknown method) happen before any calibration work. A plan with a BitsMoE decomposition is
-    written with ``rtn`` only: its experts as shared bases plus RTN factor slabs, exactly as
-    ``bitalloc eval --plan`` reconstructs them (docs/checkpoint.md).
+    methods' settings. Returns OUT. Refusals (an OUT that would replace an input, plan for another
+    model, segments, existing OUT, unknown method) happen before any calibration work. A plan with a
+    BitsMoE decomposition is written with ``rtn`` only: its experts as shared bases plus RTN factor
+    slabs, exactly as ``bitalloc eval --plan`` reconstructs them (docs/checkpoint.md).
     """
     calibration = calibration or CalibrationConfig()
+    # OUT is replaced as a whole (overwrite): no input may live anywhere inside it, whatever else is wrong
+    check_output_dir(out, Inputs.of({"the --plan file": None if isinstance(plan, Plan) else plan,
+                                     "the --calib text": calib},
+                                    models=[model.path if isinstance(model, Checkpoint) else model]), ("*",))
     if method not in METHODS:
         raise BitallocError(f"unknown rounding method {method!r}; choose one of {', '.join(METHODS)}")
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
@@ -63,7 +68,7 @@ def quantize(model: str | Path | Checkpoint, plan: Plan | str | Path, method: st
                         "with RTN as `eval --plan` measured them, and the other methods would calibrate later layers "
                         "on experts that are not; use --method rtn")
     ckpt = model if isinstance(model, Checkpoint) else Checkpoint(model)
-    check_plan_matches(plan, ckpt)
+    check_plan_matches(plan, ckpt, checkpoint_units(ckpt))
     preflight(ckpt, plan, out, overwrite)  # segments, partial groups, an existing OUT: refused before calibrating
     device = resolve_device(calibration.device)
 
@@ -134,7 +139,6 @@ def _total_loss(lm: torch.nn.Module, ids: torch.Tensor, track: Tracker) -> float
             batch = ids[start:start + EVAL_BATCH]
             hidden = lm.model(input_ids=batch, use_cache=False).last_hidden_state
             for h, seq in zip(hidden, batch):
-                logits = lm.lm_head(h).float()
-                total += float(torch.nn.functional.cross_entropy(logits[:-1], seq[1:], reduction="sum"))
+                total += window_loss(lm.lm_head(h).float(), seq)
             task.advance()
     return total

@@ -1,8 +1,8 @@
 """llama.cpp: GGUF tensor names, and ``llama-quantize --tensor-type-file`` with the exact command to run.
 
-HF names are mapped with the ``gguf`` package's tensor-name map (:func:`gguf_name`, also used to predict
-GGUF sizes and to name the importance matrix). GGUF stores all experts of a layer and projection in one
-3-D tensor (``ffn_{gate,up,down}_exps``) with one type.
+HF names are mapped to GGUF names as the model layer does (:mod:`bitalloc.model.gguf_names`, which also
+serves the GGUF size prediction and the importance matrix). GGUF stores all experts of a layer and
+projection in one 3-D tensor (``ffn_{gate,up,down}_exps``) with one type.
 
 Plans made for llama.cpp (``--target llamacpp``, layout ``gguf``) name a ggml type per tensor, and the
 solver already gave a layer's experts of one projection one type; the export writes those types as they
@@ -26,45 +26,14 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..errors import PlanError
+from ..model.gguf_names import gguf_name, tensor_name_map
 from ..plan import GGML_TYPES, GGUF_LAYOUT, Entry, Plan, Role
 from .rules import quantized_entries
 
 TOOL = "llama.cpp"
 BITS_TO_GGML = {2: "Q2_K", 3: "Q3_K", 4: "Q4_K", 5: "Q5_K", 6: "Q6_K", 8: "Q8_0"}  # compressed-tensors plans
 _BPW = {t: GGML_TYPES[t].bits_per_weight for t in (*BITS_TO_GGML.values(), "F16")}
-GGUF_ARCHS = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2", "qwen3": "QWEN3", "qwen3_moe": "QWEN3MOE"}
-_EXPERT = re.compile(r"^(?P<base>.+\.mlp\.experts)\.\d+\.(?P<proj>gate_proj|up_proj|down_proj)(?:\.weight)?$")
 INPUT_GGUF, OUTPUT_GGUF = "model-f16.gguf", "model-mixed.gguf"  # placeholders unless the user names the files
-
-
-def tensor_name_map(arch: str, n_layers: int):
-    """The ``gguf`` package's HF -> GGUF tensor-name map for a bitalloc architecture name."""
-    import gguf
-
-    if arch not in GGUF_ARCHS:
-        raise PlanError(f"no GGUF architecture mapping for {arch}; llama.cpp targets: {', '.join(GGUF_ARCHS)}")
-    return gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, GGUF_ARCHS[arch]), n_layers)
-
-
-def gguf_arch_name(arch: str) -> str:
-    """The architecture string GGUF files record (``general.architecture``)."""
-    import gguf
-
-    tensor_name_map(arch, 1)  # refuses unknown architectures
-    return gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, GGUF_ARCHS[arch])]
-
-
-def gguf_name(names, tensor: str) -> Optional[str]:
-    """The GGUF tensor that stores the checkpoint tensor ``tensor`` (every expert of a layer and projection
-    maps to the one fused ``..._exps.weight``); None when the map has no name for it."""
-    m = _EXPERT.match(tensor)
-    key = f"{m.group('base')}.{m.group('proj')}" if m else tensor
-    gg = names.get_name(key, try_suffixes=(".weight", ".bias"))
-    if gg is None:
-        return None
-    if not gg.endswith((".weight", ".bias")):
-        gg += ".bias" if tensor.endswith(".bias") else ".weight"
-    return gg
 
 
 @dataclass

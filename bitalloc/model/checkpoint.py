@@ -13,13 +13,12 @@ import json
 import math
 import re
 import struct
-import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CalibrationError, CheckpointError
+from ..errors import CheckpointError
 from ..plan import check_path
 
 if TYPE_CHECKING:
@@ -39,7 +38,6 @@ _OPTIONAL_INTS = ("num_key_value_heads", "head_dim", "max_position_embeddings", 
 # made from stays under DECOMPOSED_KEY (docs/checkpoint.md).
 DECOMPOSED_MODEL_TYPE = "bitalloc_bitsmoe"
 DECOMPOSED_KEY = "bitalloc_decomposition"
-MAX_POSITION_FACTOR = 4  # windows up to 4x the trained positions are warned about, longer ones refused
 _LAYER_INDEX_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -231,23 +229,6 @@ class Checkpoint:
     @cached_property
     def num_layers(self) -> int:
         return int(self.config["num_hidden_layers"])
-
-    def check_seqlen(self, seqlen: int, option: str = "--seqlen") -> None:
-        """Warn about windows longer than the model's positions and refuse those far past them.
-
-        Past ``max_position_embeddings`` the numbers measure a model extrapolating its position encoding
-        (said in a warning: the fixed evaluation protocol's 512 exceeds some small models); past
-        :data:`MAX_POSITION_FACTOR` times it they measure nothing useful, and attention time grows with the
-        square of the window (65536 on a 1024-position model ran for minutes).
-        """
-        limit = self.config.get("max_position_embeddings")
-        if limit is None or seqlen <= limit:
-            return
-        if seqlen > MAX_POSITION_FACTOR * limit:
-            raise CalibrationError(f"{option} {seqlen} is far beyond the model's max_position_embeddings {limit}; "
-                                   f"use {option} {limit} or less")
-        warnings.warn(f"{option} {seqlen} exceeds the model's max_position_embeddings {limit}: the model "
-                      "extrapolates its positions in every window", stacklevel=2)
 
     def load(self, name: str, dtype: "torch.dtype | None" = None) -> "torch.Tensor":
         """Read one tensor (memory-mapped, then copied), converted to ``dtype``."""

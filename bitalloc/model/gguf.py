@@ -27,8 +27,8 @@ from typing import Mapping, Optional
 
 from ..budget import GGML_TYPES, Budget
 from ..errors import BudgetError, CheckpointError
-from ..export.llamacpp import gguf_arch_name, gguf_name, tensor_name_map
 from .checkpoint import Checkpoint
+from .gguf_names import gguf_arch_name, gguf_name, tensor_name_map
 from .inventory import Inventory
 
 GGUF_ALIGNMENT = 32  # gguf's default general.alignment: tensor data starts and ends on this boundary

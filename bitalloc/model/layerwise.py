@@ -208,13 +208,19 @@ class LayerwiseModel:
         total = 0.0
         with torch.no_grad():
             for s in range(len(ids)):
-                logits = self.head_logits(h[s].to(self.device), norm_w, head_w)
-                total += float(nn.functional.cross_entropy(logits[:-1], ids[s, 1:], reduction="sum"))
+                total += window_loss(self.head_logits(h[s].to(self.device), norm_w, head_w), ids[s])
         return total, ids.shape[0] * (ids.shape[1] - 1)
 
     @property
     def hidden_size(self) -> int:
         return int(self.config.hidden_size)
+
+
+def window_loss(logits: torch.Tensor, window: torch.Tensor) -> float:
+    """Sum of the next-token cross-entropies of one evaluation window (``logits`` [seqlen, vocab] of its
+    tokens): the unit of the evaluation protocol, defined once for the layer-by-layer evaluator and for the
+    quantized checkpoint's, so that their perplexities compare."""
+    return float(nn.functional.cross_entropy(logits[:-1], window[1:], reduction="sum"))
 
 
 def resolve_device(name: str | torch.device) -> torch.device:

@@ -113,8 +113,8 @@ def preflight(ckpt: Checkpoint, plan: Plan, out: str | os.PathLike, overwrite: b
 def check_output(out: str | os.PathLike, ckpt: Checkpoint, overwrite: bool) -> Path:
     """OUT resolved (symlinks followed: a linked OUT is written at its target), refused (``OutputError``) if it
     overlaps the input model, exists without ``overwrite``, or exists as anything but a directory (``overwrite``
-    replaces a directory only: never a file or a device someone named by mistake). The CLI also checks OUT
-    against every other input (``bitalloc.api.outputs``)."""
+    replaces a directory only: never a file or a device someone named by mistake). ``bitalloc.api.quantize``
+    also checks OUT against its other inputs (``bitalloc.api.outputs``), which only it knows."""
     out = Path(os.path.realpath(out))
     src = Path(os.path.realpath(ckpt.path))
     if out == src or src in out.parents or out in src.parents:
