@@ -214,7 +214,7 @@ def test_cli_refuses_other_methods_and_plain_transformers_refuses_the_checkpoint
         AutoModelForCausalLM.from_pretrained(out)
 
 
-def test_fused_input_writes_the_same_checkpoint(decomposed, tiny_moe_fused, calib_file, tmp_path):
+def test_fused_input_writes_the_same_checkpoint(decomposed, tiny_moe, tiny_moe_fused, calib_file, tmp_path):
     """transformers' fused 3-D experts in the input: the same weights as the per-expert tiny MoE, so the same
     decomposed tensors."""
     out, plan = decomposed
@@ -229,6 +229,11 @@ def test_fused_input_writes_the_same_checkpoint(decomposed, tiny_moe_fused, cali
     for n in stored_names(plan.decomposition):
         assert torch.equal(a.load(n), b.load(n)), n
     torch.testing.assert_close(logits(load_quantized(fused_out)), logits(load_quantized(out)), rtol=1e-6, atol=1e-6)
+    # layer 1 per tensor: its experts are written per expert from the fused tensors, as the per-expert input's are
+    mixed = [write(m, with_layers_per_tensor(p, {1}, 3, 32), calib_file, tmp_path / f"mixed-{k}")
+             for k, (m, p) in enumerate([(tiny_moe, plan), (tiny_moe_fused, fused_plan)])]
+    torch.testing.assert_close(logits(load_quantized(mixed[1])), logits(load_quantized(mixed[0])), rtol=1e-6,
+                               atol=1e-6)
 
 
 def test_a_decomposed_checkpoint_without_its_plan_is_refused(decomposed, tmp_path):

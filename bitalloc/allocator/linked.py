@@ -98,9 +98,9 @@ def solve_linked(problem: LinkedProblem, time_limit_s: float, seed: int = 0,
         stored = [x[child, int(c)] for c in np.flatnonzero(problem.allowed[child] & (problem.bits[child] > 0))]
         if stored:
             model.add(sum(stored) <= x[parent, on])
-    absent = model.new_constant(0)  # an option that is not allowed is never taken
+    never = model.new_constant(0)  # an option that is not allowed is never taken
     for g, c, h, d in problem.equivalences:
-        model.add(x.get((g, c), absent) == x.get((h, d), absent))
+        model.add(x.get((g, c), never) == x.get((h, d), never))
     # ---- Objective -----------------------------------------------------------------------
     model.minimize(cp_model.LinearExpr.weighted_sum(variables, [int(icost[k]) for k in keys]))
     if hint is not None:
