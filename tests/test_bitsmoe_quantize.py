@@ -13,7 +13,7 @@ from bitalloc.api.quantization import evaluate_quantized, load_quantized
 from bitalloc.export import export_plan
 from bitalloc.errors import CheckpointError, OutputError, PlanError
 from bitalloc.kernels import LowRankExperts
-from bitalloc.report.decomposition import decomposition_rows
+from bitalloc.report.decomposition import decomposition_png, decomposition_rows
 from bitalloc.model.checkpoint import DECOMPOSED_KEY, DECOMPOSED_MODEL_TYPE, Checkpoint
 from bitalloc.model.inventory import build_inventory
 from bitalloc.model.layerwise import unit_view
@@ -265,6 +265,7 @@ def test_a_mixed_plan_writes_loads_and_evaluates_as_planned(decomposed, tiny_moe
                                                               **EVAL).perplexity, rel=1e-4)  # layer 1 changed
     assert decomposition_rows(mixed)[0] == "MoE layers decomposed: 0; per tensor: 1"
     assert "MoE layers per tensor: 1" in mixed.summary()
+    assert decomposition_png(mixed).startswith(b"\x89PNG")
     with pytest.raises(PlanError, match="cannot express"):
         export_plan(mixed, "compressed-tensors")
     # no layer decomposed: an ordinary per-tensor plan, which the exporters take

@@ -76,8 +76,8 @@ def decomposition_png(plan: Plan) -> bytes:
         kept = [next((b.rank_kept / b.rank for b in d.blocks if b.layer == i and b.projection == proj), 0.0)
                 for i in layers]
         bx.bar(np.arange(len(layers)) + (k - 1) * 0.27, kept, width=0.27, label=proj)
-    bx.set_xticks(range(len(layers)), [f"{i}\nper tensor" if i in per_tensor else str(i) for i in layers])
-    bx.set_xlabel("MoE layer (per tensor: not decomposed)")
+    bx.set_xticks(range(len(layers)), [f"{i}\n(pt)" if i in per_tensor else str(i) for i in layers])
+    bx.set_xlabel("MoE layer (pt: stored per tensor, not decomposed)")
     bx.set_ylabel("share of ranks kept in the shared basis")
     bx.set_ylim(0, 1)
     bx.set_title(f"ranks kept ({d.rank_slab} per slab); {modes_line(plan)}", fontsize=8)
