@@ -195,13 +195,14 @@ def _solve_options() -> Callable[[Callable], Callable]:
 
     def build(solver: str, score: str, granularity: str, pin: list[str], min_bits: Optional[int],
               max_bits: Optional[int], role_bits: list[str], bits_range: list[str], time_table: Optional[Path],
-              time_budget: Optional[float], time_limit: float, method: str, rank_slab: int) -> SolveConfig:
+              time_budget: Optional[float], time_limit: float, method: str, rank_slab: int,
+              decompose: str) -> SolveConfig:
         from .api import Constraints
 
         return SolveConfig(solver=solver, score=score, granularity=granularity,
                            constraints=Constraints(tuple(pin), min_bits, max_bits, tuple(role_bits), tuple(bits_range)),
                            time_table=_time_table(time_table), time_budget=time_budget, time_limit_s=time_limit,
-                           method=method, rank_slab=rank_slab)
+                           method=method, rank_slab=rank_slab, decompose=decompose)
 
     opt = typer.Option
     return _options("solve", (
@@ -230,6 +231,9 @@ def _solve_options() -> Callable[[Callable], Callable]:
                                                   "plus factor slabs; needs --calib; docs/bitsmoe.md).")], d.method),
         _Option("rank_slab", Annotated[int, opt(help="--method bitsmoe: ranks per slab (one width per slab and "
                                                      "expert).")], d.rank_slab),
+        _Option("decompose", Annotated[str, opt(help="--method bitsmoe: auto (default: each MoE layer decomposed "
+                                                     "only where the solve finds it pays, else per tensor) | all "
+                                                     "(every MoE layer, BitsMoE as published).")], d.decompose),
     ), build)
 
 

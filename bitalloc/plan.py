@@ -456,7 +456,9 @@ class Plan(_Strict):
             lines += ["", "locked     " + ", ".join(f"{n} {r}" for r, n in sorted(locked.items()))]
         if self.decomposition:
             d = self.decomposition
-            lines += ["", f"decomposed ({d.method}, {d.rank_slab} ranks per slab; mean factor bpp per expert)"]
+            per_tensor = sorted({e.layer for e in self.entries if e.expert is not None and not e.decomposed})
+            lines += ["", f"decomposed ({d.method}, {d.rank_slab} ranks per slab; mean factor bpp per expert); MoE "
+                          f"layers per tensor: {', '.join(map(str, per_tensor)) or 'none'}"]
             for blk in d.blocks:
                 per = [blk.expert_bits(e, d.group_size, d.symmetric) / (blk.rank * blk.factor_cols)
                        for e in range(len(blk.experts))]

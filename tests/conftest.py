@@ -186,6 +186,19 @@ def with_factor_widths(plan, width: int):
     return revalidated(data)
 
 
+def with_layers_per_tensor(plan, layers: set[int], bits: int, group_size: int):
+    """The plan with the experts of ``layers`` stored per tensor at ``bits``/``group_size`` instead of decomposed
+    (what the hybrid solve chooses where a decomposition does not pay)."""
+    data = plan.model_dump()
+    data["decomposition"]["blocks"] = [b for b in data["decomposition"]["blocks"] if b["layer"] not in layers]
+    if not data["decomposition"]["blocks"]:
+        data["decomposition"] = None
+    for e in data["entries"]:
+        if e["decomposed"] and e["layer"] in layers:
+            e.update(decomposed=False, bits=bits, group_size=group_size, symmetric=False)
+    return revalidated(data)
+
+
 def expect_user_error(result, *needles: str, written: Path | None = None) -> str:
     """A refused CLI call: exit 2, exactly one ``error:`` line containing ``needles``, no traceback, and
     ``written`` (when given) not created. Returns the line."""

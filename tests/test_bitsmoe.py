@@ -11,10 +11,12 @@ import pytest
 import torch
 
 import bitalloc
+from bitalloc.allocator import build_problem, solve
+from bitalloc.allocator.bitsmoe import SlabBlock, joint_problem
 from bitalloc.allocator.linked import LinkedProblem, solve_linked
 from bitalloc.api.config import CalibrationConfig, SolveConfig
 from bitalloc.budget import parse_budget, tensor_bits
-from bitalloc.errors import PlanError
+from bitalloc.errors import BudgetError, PlanError
 from bitalloc.export import export_plan
 from bitalloc.model.inventory import Unit
 from bitalloc.plan import SCHEMA_PATH, SPECTRAL_WIDTHS, Plan, Role
@@ -24,7 +26,7 @@ from bitalloc.sensitivity.bitsmoe import ExpertBlock, output_error, surrogate
 from .conftest import revalidated, with_factor_widths
 
 CAL = CalibrationConfig(tokens=512, seqlen=128)
-BITSMOE = SolveConfig(method="bitsmoe", rank_slab=16)
+BITSMOE = SolveConfig(method="bitsmoe", rank_slab=16, decompose="all")  # every layer: the decomposed path
 
 
 def _experts(side: str, n_experts: int = 4, n: int = 24, d: int = 40, seed: int = 0):
@@ -102,9 +104,89 @@ def test_linked_solver_is_optimal_by_enumeration():
         assert a.objective == pytest.approx(best)
 
 
+def _hybrid_instance(seed: int):
+    """A joint problem small enough to enumerate: one dense tensor, MoE layer 0 with two experts and layer 1 with
+    one, each layer one block of one 2-rank slab, two candidates and widths 0 / 2 / 16."""
+    rng = np.random.default_rng(seed)
+    cands = [bitalloc.Candidate(bits=b, group_size=8) for b in (2, 4)]
+    names = ["dense", "l0.e0", "l0.e1", "l1.e0"]
+    errors = np.array([[3.0, 0.5], *rng.uniform(1, 8, (3, 1)) * [[1.0, 0.3]]])
+    tensors = build_problem(names, [(4, 128), (4, 8), (4, 8), (4, 8)], errors, cands, [], None)
+    blocks = [SlabBlock("layers.0.gate", 0, 2, (2,), 4, 8), SlabBlock("layers.1.gate", 1, 1, (2,), 4, 8)]
+    costs = [rng.uniform(0, 2, (b.n_experts, 1, 1)) * [[[6.0, 1.0, 0.0]]] for b in blocks]  # width 0 / 2 / 16
+    layer_of = [None, 0, 0, 1]
+    return tensors, layer_of, blocks, costs
+
+
+def _enumerate(p: LinkedProblem) -> tuple[float, np.ndarray]:
+    """The optimum of ``p`` over every allowed choice, vectorized (about 10^5 of them here)."""
+    combos = np.array(list(itertools.product(*[np.flatnonzero(row) for row in p.allowed])), dtype=np.int64)
+    rows = np.arange(p.num_groups)
+    ok = p.bits[rows, combos].sum(1) <= p.budget_bits
+    for c, parent, on in p.links:
+        ok &= (p.bits[c, combos[:, c]] == 0) | (combos[:, parent] == on)
+    for g, c, h, d in p.equivalences:
+        ok &= (combos[:, g] == c) == (combos[:, h] == d)
+    cost = np.where(ok, p.cost[rows, combos].sum(1), np.inf)
+    return float(cost.min()), combos[int(cost.argmin())]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_hybrid_solve_is_optimal_by_enumeration_and_never_worse_than_per_tensor(seed):
+    tensors, layer_of, blocks, costs = _hybrid_instance(seed)
+    problem, layout = joint_problem(tensors, layer_of, blocks, costs, (0, 2, 16), 8, False)
+    modes = set()
+    for bpp in (3.7, 4.3, 4.8, 5.3, 5.8, 6.4, 6.9):  # cheapest 3.58 (all dropped), per tensor 4.25 to 6.5
+        p = problem.with_budget(parse_budget(f"{bpp}bpp"))
+        best, _ = _enumerate(p)
+        a = solve_linked(p, time_limit_s=10)
+        assert p.feasible(a.choice) and a.status == "optimal"
+        assert a.objective == pytest.approx(best, abs=1e-9)
+        chosen = layout.decode(a.choice)
+        modes.add(tuple(chosen.decomposed.values()))
+        # a decomposed layer's tensors are absent, a per-tensor layer's slabs store nothing
+        for g, layer in enumerate(layer_of):
+            assert (chosen.tensors[g] < 0) == (layer is not None and chosen.decomposed[layer])
+        for blk, kept, widths in zip(blocks, chosen.kept, chosen.widths):
+            assert chosen.decomposed[blk.layer] or (not kept.any() and not widths.any())
+        try:
+            per_tensor = solve(tensors.with_budget(parse_budget(f"{bpp}bpp")), "ilp")
+        except BudgetError:  # below the cheapest per-tensor plan: only a decomposition fits
+            continue
+        hint = layout.embed(per_tensor.choice)
+        assert p.feasible(hint) and p.objective(hint) == pytest.approx(per_tensor.objective)
+        assert a.objective <= per_tensor.objective + 1e-12
+        assert solve_linked(p, 10, hint=hint).objective == pytest.approx(best, abs=1e-9)
+    assert any(len(set(m)) == 2 for m in modes)  # some budget stores one layer decomposed and the other per tensor
+
+
+def test_decompose_all_leaves_no_layer_per_tensor():
+    tensors, layer_of, blocks, costs = _hybrid_instance(0)
+    problem, layout = joint_problem(tensors, layer_of, blocks, costs, (0, 2, 16), 8, False, decompose_all=True)
+    p = problem.with_budget(parse_budget("6bpp"))
+    a = solve_linked(p, 10)
+    chosen = layout.decode(a.choice)
+    assert all(chosen.decomposed.values()) and (chosen.tensors[1:] < 0).all() and a.objective == _enumerate(p)[0]
+
+
 @pytest.fixture(scope="module")
 def bitsmoe_plan(tiny_moe, calib_file, moe_scores):
     return bitalloc.allocate(tiny_moe, "3.5bpp", calib_file, scores=moe_scores, calibration=CAL, solve=BITSMOE)
+
+
+@pytest.mark.parametrize("budget", ["2.5bpp", "3.5bpp", "5bpp"])
+def test_hybrid_plan_never_predicts_worse_than_the_per_tensor_plan(budget, tiny_moe, calib_file, moe_scores):
+    """The default --method bitsmoe: the per-tensor plan is one of its feasible points, priced from the same table."""
+    per_tensor = bitalloc.allocate(tiny_moe, budget, scores=moe_scores)
+    hybrid = bitalloc.allocate(tiny_moe, budget, calib_file, scores=moe_scores, calibration=CAL,
+                               solve=SolveConfig(method="bitsmoe", rank_slab=16))
+    assert hybrid.budget.target_bits == per_tensor.budget.target_bits
+    assert hybrid.budget.achieved_bpp <= hybrid.budget.target_bits / hybrid.budget.counted_params
+    assert hybrid.solver.objective <= per_tensor.solver.objective * (1 + 1e-12)
+    decomposed = {b.layer for b in hybrid.decomposition.blocks} if hybrid.decomposition else set()
+    for e in hybrid.entries:  # a layer's experts are all decomposed, or all ordinary per-tensor entries
+        assert e.decomposed == (e.expert is not None and e.layer in decomposed)
+        assert e.decomposed or e.locked or e.candidate in hybrid.candidates
 
 
 def test_budget_is_exact_with_the_basis_counted(bitsmoe_plan):

@@ -10,19 +10,21 @@ import torch
 
 import bitalloc
 from bitalloc.api.quantization import evaluate_quantized, load_quantized
+from bitalloc.export import export_plan
 from bitalloc.errors import CheckpointError, OutputError, PlanError
 from bitalloc.kernels import LowRankExperts
+from bitalloc.report.decomposition import decomposition_png, decomposition_rows
 from bitalloc.model.checkpoint import DECOMPOSED_KEY, DECOMPOSED_MODEL_TYPE, Checkpoint
 from bitalloc.model.inventory import build_inventory
 from bitalloc.model.layerwise import unit_view
 from bitalloc.plan import SPECTRAL_WIDTHS, Plan
 from bitalloc.rounding.decomposed import factor_module, read_block, stored_names
-from bitalloc.rounding.loader import load_quantized_weights
+from bitalloc.rounding.loader import QuantExperts, load_quantized_weights
 from bitalloc.rounding.lowrank import apply_block, decompose_block, quantize_rows, reconstruct
 from bitalloc.rounding.rtn import fake_quantize
 from bitalloc.rounding.writer import PLAN_FILE
 
-from .conftest import expect_user_error, revalidated, with_factor_widths
+from .conftest import expect_user_error, revalidated, with_factor_widths, with_layers_per_tensor
 
 CAL = bitalloc.CalibrationConfig(tokens=256, seqlen=64, device="cpu")
 EVAL = dict(tokens=512, seqlen=128, device="cpu")
@@ -34,7 +36,7 @@ def bitsmoe_plan(tiny_moe, calib_file):
     """A BitsMoE plan of the tiny MoE whose dense tensors can be written (groups of 32); 16-rank slabs."""
     return bitalloc.allocate(tiny_moe, "3.5bpp", calib_file,
                              calibration=bitalloc.CalibrationConfig(tokens=512, seqlen=128, candidates=G32),
-                             solve=bitalloc.SolveConfig(method="bitsmoe", rank_slab=16))
+                             solve=bitalloc.SolveConfig(method="bitsmoe", rank_slab=16, decompose="all"))
 
 
 def every_width(plan: Plan) -> Plan:
@@ -73,7 +75,7 @@ def reference_model(model, plan: Plan):
             if not e.locked and not e.decomposed:
                 view = unit_view(layers[e.layer], units[e.tensor])
                 view.copy_(fake_quantize(view, e.column_choices()))
-        for b in plan.decomposition.blocks:
+        for b in plan.decomposition.blocks if plan.decomposition else []:
             views = [unit_view(layers[b.layer], units[t]) for t in b.experts]
             for view, w in zip(views, apply_block(views, b, plan.decomposition)):
                 view.copy_(w)
@@ -212,13 +214,13 @@ def test_cli_refuses_other_methods_and_plain_transformers_refuses_the_checkpoint
         AutoModelForCausalLM.from_pretrained(out)
 
 
-def test_fused_input_writes_the_same_checkpoint(decomposed, tiny_moe_fused, calib_file, tmp_path):
+def test_fused_input_writes_the_same_checkpoint(decomposed, tiny_moe, tiny_moe_fused, calib_file, tmp_path):
     """transformers' fused 3-D experts in the input: the same weights as the per-expert tiny MoE, so the same
     decomposed tensors."""
     out, plan = decomposed
     fused_plan = bitalloc.allocate(tiny_moe_fused, "3.5bpp", calib_file,
                                    calibration=bitalloc.CalibrationConfig(tokens=512, seqlen=128, candidates=G32),
-                                   solve=bitalloc.SolveConfig(method="bitsmoe", rank_slab=16))
+                                   solve=bitalloc.SolveConfig(method="bitsmoe", rank_slab=16, decompose="all"))
     fused_plan = every_width(fused_plan)
     assert fused_plan.decomposition == plan.decomposition
     fused_out = write(tiny_moe_fused, fused_plan, calib_file, tmp_path / "q")
@@ -227,6 +229,11 @@ def test_fused_input_writes_the_same_checkpoint(decomposed, tiny_moe_fused, cali
     for n in stored_names(plan.decomposition):
         assert torch.equal(a.load(n), b.load(n)), n
     torch.testing.assert_close(logits(load_quantized(fused_out)), logits(load_quantized(out)), rtol=1e-6, atol=1e-6)
+    # layer 1 per tensor: its experts are written per expert from the fused tensors, as the per-expert input's are
+    mixed = [write(m, with_layers_per_tensor(p, {1}, 3, 32), calib_file, tmp_path / f"mixed-{k}")
+             for k, (m, p) in enumerate([(tiny_moe, plan), (tiny_moe_fused, fused_plan)])]
+    torch.testing.assert_close(logits(load_quantized(mixed[1])), logits(load_quantized(mixed[0])), rtol=1e-6,
+                               atol=1e-6)
 
 
 def test_a_decomposed_checkpoint_without_its_plan_is_refused(decomposed, tmp_path):
@@ -237,3 +244,29 @@ def test_a_decomposed_checkpoint_without_its_plan_is_refused(decomposed, tmp_pat
     (copy / PLAN_FILE).unlink()
     with pytest.raises(CheckpointError, match="stores decomposed experts, laid out by its bitalloc-plan.json"):
         load_quantized(copy)
+
+
+def test_a_mixed_plan_writes_loads_and_evaluates_as_planned(decomposed, tiny_moe, calib_file, heldout_file, tmp_path):
+    """Layer 0 decomposed, layer 1 per tensor (what the hybrid solve chooses where a basis does not pay): eval of
+    the plan, the written checkpoint and its loaded model agree; the report names both kinds of layer."""
+    mixed = with_layers_per_tensor(decomposed[1], {1}, 3, 32)
+    assert {b.layer for b in mixed.decomposition.blocks} == {0}
+    out = write(tiny_moe, mixed, calib_file, tmp_path / "q")
+    lm = load_quantized(out)
+    assert isinstance(lm.model.layers[0].mlp.experts, LowRankExperts)
+    assert isinstance(lm.model.layers[1].mlp.experts, QuantExperts)
+    assert {n for n in load_quantized_weights(out) if ".experts." in n} == \
+        {e.tensor for e in mixed.entries if e.layer == 1 and e.expert is not None}
+    torch.testing.assert_close(logits(lm), logits(reference_model(tiny_moe, mixed)), rtol=1e-5, atol=1e-5)
+    got = evaluate_quantized(out, heldout_file, **EVAL)
+    want = bitalloc.evaluate(tiny_moe, heldout_file, plan=mixed, **EVAL)
+    assert got.perplexity == pytest.approx(want.perplexity, rel=1e-5)
+    assert want.perplexity != pytest.approx(bitalloc.evaluate(tiny_moe, heldout_file, plan=decomposed[1],
+                                                              **EVAL).perplexity, rel=1e-4)  # layer 1 changed
+    assert decomposition_rows(mixed)[0] == "MoE layers decomposed: 0; per tensor: 1"
+    assert "MoE layers per tensor: 1" in mixed.summary()
+    assert decomposition_png(mixed).startswith(b"\x89PNG")
+    with pytest.raises(PlanError, match="cannot express"):
+        export_plan(mixed, "compressed-tensors")
+    # no layer decomposed: an ordinary per-tensor plan, which the exporters take
+    assert with_layers_per_tensor(decomposed[1], {0, 1}, 3, 32).decomposition is None

@@ -1,20 +1,31 @@
-"""BitsMoE's joint problem: per-tensor groups and spectral slabs of MoE experts under one budget.
+"""BitsMoE's joint problem: every MoE layer decomposed or per tensor, and the dense tensors, under one budget.
 
-Plain arrays in, plain arrays out. Three kinds of groups share one column space, the per-tensor
-candidates first (attention and other dense tensors, from a :class:`~.problem.Problem`), then the
-spectral widths:
+Plain arrays in, plain arrays out. The groups of the default per-tensor problem (a :class:`~.problem.Problem`
+over every tensor, the experts included) share one column space with the spectral widths and one more
+column, "absent":
+
+    [ per-tensor candidates (C) | spectral widths (W, 0 = dropped) | absent ]
 
 * a dense group takes one of the candidates, as in the per-tensor problem;
+* every MoE layer has a mode group: kept (the width-16 column) = decomposed, dropped (width 0) = per tensor;
+* an expert tensor group takes one of the candidates when its layer is per tensor, "absent" otherwise;
 * an expert slab (layer, projection, expert, ranks) takes one width (0 = dropped), priced by
-  ``budget.factor_bits`` and costed by the table's surrogate in loss units;
-* a basis slab (layer, projection, ranks) is kept (16-bit rows of the shared basis) or dropped,
-  at no error of its own; an expert slab may be stored only if its basis slab is kept (a link).
+  ``budget.factor_bits`` and costed by the table's surrogate in loss units, when its layer is decomposed,
+  "absent" otherwise;
+* a basis slab (layer, projection, ranks) is kept (16-bit rows of the shared basis) or dropped when its
+  layer is decomposed, at no error of its own, "absent" otherwise; an expert slab may be stored only if
+  its basis slab is kept (a link).
+
+The mode is per layer, not per projection, because a checkpoint stores a layer's experts decomposed in
+gate, up and down or in none (the loader replaces the experts module whole). Every per-tensor choice is a
+feasible point (all layers per tensor), so the optimum never predicts a larger loss than the per-tensor
+plan at the same budget; :meth:`JointLayout.embed` maps that plan in, as a hint for the solver.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -28,72 +39,130 @@ class SlabBlock:
     """One layer and projection: ``slab_rows[s]`` ranks per slab, factors of ``factor_cols`` columns."""
 
     name: str
+    layer: int
     n_experts: int
     slab_rows: tuple[int, ...]
     factor_cols: int
     basis_dim: int
-    expert_params: int  # parameters of the original expert tensors (what bpp counts)
+
+
+@dataclass(frozen=True)
+class JointChoice:
+    """A solution read back: per-tensor choices, which layers are decomposed, and the decomposed layers' slabs."""
+
+    tensors: np.ndarray  # [G] candidate index of each per-tensor group, -1 where its layer is decomposed
+    decomposed: dict[int, bool]  # MoE layer -> stored decomposed
+    kept: list[np.ndarray]  # per block: [S] basis slab kept (all False where its layer is per tensor)
+    widths: list[np.ndarray]  # per block: [E, S] factor widths (all 0 where its layer is per tensor)
 
 
 @dataclass
 class JointLayout:
-    """Where each group of the joint problem came from, to read a solution back."""
+    """Where each group of the joint problem came from, to read a solution back and to map one in."""
 
-    n_dense: int
+    n_candidates: int
     widths: tuple[int, ...]
+    tensor_layer: np.ndarray  # [G] the MoE layer of each per-tensor group, -1 for dense groups
+    mode_groups: dict[int, int]  # MoE layer -> its mode group
     basis_groups: list[np.ndarray]  # per block: [S] group index
     expert_groups: list[np.ndarray]  # per block: [E, S] group index
 
-    def decode(self, choice: np.ndarray, n_candidates: int) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
-        """(dense choices, per block basis kept [S] bool, per block widths [E, S])."""
-        widths = np.asarray(self.widths)
-        kept = [widths[choice[g] - n_candidates] > 0 for g in self.basis_groups]
-        chosen = [widths[choice[g] - n_candidates] for g in self.expert_groups]
-        return choice[:self.n_dense], kept, chosen
+    @property
+    def drop(self) -> int:
+        return self.n_candidates + self.widths.index(0)
+
+    @property
+    def keep(self) -> int:
+        return self.n_candidates + self.widths.index(BASIS_BITS)
+
+    @property
+    def absent(self) -> int:
+        return self.n_candidates + len(self.widths)
+
+    def decode(self, choice: np.ndarray) -> JointChoice:
+        widths = np.append(np.asarray(self.widths), 0)  # "absent" stores nothing
+        C = self.n_candidates
+        tensors = choice[:len(self.tensor_layer)]
+        return JointChoice(np.where(tensors == self.absent, -1, tensors),
+                           {layer: bool(choice[g] == self.keep) for layer, g in self.mode_groups.items()},
+                           [widths[choice[g] - C] > 0 for g in self.basis_groups],
+                           [widths[choice[g] - C] for g in self.expert_groups])
+
+    def embed(self, tensor_choice: np.ndarray) -> np.ndarray:
+        """The joint choice that stores every layer per tensor, as ``tensor_choice`` (a per-tensor solution) says."""
+        n = len(self.tensor_layer) + len(self.mode_groups) + sum(g.size for g in self.basis_groups + self.expert_groups)
+        choice = np.full(n, self.absent, dtype=np.int64)
+        choice[:len(self.tensor_layer)] = tensor_choice
+        choice[list(self.mode_groups.values())] = self.drop
+        return choice
 
 
-def joint_problem(dense: Problem, blocks: Sequence[SlabBlock], costs: Sequence[np.ndarray], widths: Sequence[int],
-                  group_size: int, symmetric: bool) -> tuple[LinkedProblem, JointLayout]:
-    """The linked problem (no budget yet) over ``dense``'s groups and every block's slabs.
+def joint_problem(tensors: Problem, tensor_layer: Sequence[Optional[int]], blocks: Sequence[SlabBlock],
+                  costs: Sequence[np.ndarray], widths: Sequence[int], group_size: int, symmetric: bool,
+                  decompose_all: bool = False) -> tuple[LinkedProblem, JointLayout]:
+    """The linked problem (no budget yet) over ``tensors``' groups and every block's slabs.
 
-    ``costs[b]`` is block b's [E, S, W] predicted error (loss units) of every expert slab at every width.
+    ``tensor_layer[g]`` is the MoE layer whose experts group g holds (None: a dense group); ``costs[b]`` is
+    block b's [E, S, W] predicted error (loss units) of every expert slab at every width. ``decompose_all``
+    stores every MoE layer decomposed (BitsMoE as published) instead of letting the solver choose.
     """
-    C, W = len(dense.candidates), len(widths)
+    C, W = len(tensors.candidates), len(widths)
     if 0 not in widths or BASIS_BITS not in widths:
         raise ValueError(f"spectral widths {list(widths)} must include 0 (dropped) and {BASIS_BITS} (kept)")
-    drop, keep = C + list(widths).index(0), C + list(widths).index(BASIS_BITS)
-    names = list(dense.group_names)
-    cost = [np.pad(dense.cost, ((0, 0), (0, W)))]
-    bits = [np.pad(dense.bits, ((0, 0), (0, W)))]
-    allowed = [np.pad(dense.allowed, ((0, 0), (0, W)))]
+    layer_of = np.array([-1 if x is None else x for x in tensor_layer], dtype=np.int64)
+    layers = sorted({b.layer for b in blocks})
+    if sorted(set(layer_of[layer_of >= 0].tolist())) != layers:
+        raise ValueError(f"MoE layers with expert tensors {sorted(set(layer_of[layer_of >= 0].tolist()))} are not the "
+                         f"layers with spectral blocks {layers}")
+    K = C + W + 1
+    names = list(tensors.group_names)
+    cost = [np.pad(tensors.cost, ((0, 0), (0, W + 1)))]
+    bits = [np.pad(tensors.bits, ((0, 0), (0, W + 1)))]
+    allowed = [np.pad(tensors.allowed, ((0, 0), (0, W + 1)))]
+    allowed[0][layer_of >= 0, K - 1] = True
+    layout = JointLayout(C, tuple(widths), layer_of, {}, [], [])
+    drop, keep, absent = layout.drop, layout.keep, layout.absent
+
+    def add(group_names: list[str], g_cost: np.ndarray, g_bits: np.ndarray, g_allowed: np.ndarray) -> np.ndarray:
+        first = len(names)
+        names.extend(group_names)
+        cost.append(g_cost)
+        bits.append(g_bits)
+        allowed.append(g_allowed)
+        return np.arange(first, len(names))
+
+    mode_allowed = np.zeros((len(layers), K), bool)
+    mode_allowed[:, keep] = True
+    mode_allowed[:, drop] = not decompose_all
+    modes = add([f"layers.{layer}.experts.decomposed" for layer in layers], np.zeros((len(layers), K)),
+                np.zeros((len(layers), K), np.int64), mode_allowed)
+    layout.mode_groups.update(zip(layers, modes.tolist()))
+    equivalences = [(int(g), absent, layout.mode_groups[int(layer)], keep)
+                    for g, layer in enumerate(layer_of) if layer >= 0]
     links: list[tuple[int, int, int]] = []
-    basis_groups, expert_groups = [], []
     for blk, blk_cost in zip(blocks, costs):
         S = len(blk.slab_rows)
         if blk_cost.shape != (blk.n_experts, S, W):
             raise ValueError(f"{blk.name}: cost shape {blk_cost.shape} != {(blk.n_experts, S, W)}")
-        first = len(names)
-        b_cost, b_bits, b_allowed = np.zeros((S, C + W)), np.zeros((S, C + W), np.int64), np.zeros((S, C + W), bool)
-        b_allowed[:, [drop, keep]] = True
+        b_bits, b_allowed = np.zeros((S, K), np.int64), np.zeros((S, K), bool)
+        b_allowed[:, [drop, keep, absent]] = True
         b_bits[:, keep] = [rows * blk.basis_dim * BASIS_BITS for rows in blk.slab_rows]
-        names += [f"{blk.name}.basis@{s}" for s in range(S)]
-        basis_groups.append(np.arange(first, first + S))
-        e_cost = np.zeros((blk.n_experts * S, C + W))
-        e_cost[:, C:] = blk_cost.reshape(-1, W)
+        basis = add([f"{blk.name}.basis@{s}" for s in range(S)], np.zeros((S, K)), b_bits, b_allowed)
+        e_cost = np.zeros((blk.n_experts * S, K))
+        e_cost[:, C:C + W] = blk_cost.reshape(-1, W)
         per_slab = np.array([[factor_bits(rows, blk.factor_cols, w, group_size, symmetric) for w in widths]
                              for rows in blk.slab_rows], dtype=np.int64)  # [S, W]
-        e_bits = np.zeros((blk.n_experts * S, C + W), np.int64)
-        e_bits[:, C:] = np.tile(per_slab, (blk.n_experts, 1))
-        e_allowed = np.zeros((blk.n_experts * S, C + W), bool)
+        e_bits = np.zeros((blk.n_experts * S, K), np.int64)
+        e_bits[:, C:C + W] = np.tile(per_slab, (blk.n_experts, 1))
+        e_allowed = np.zeros((blk.n_experts * S, K), bool)
         e_allowed[:, C:] = True
-        start = first + S
-        groups = np.arange(start, start + blk.n_experts * S).reshape(blk.n_experts, S)
-        expert_groups.append(groups)
-        names += [f"{blk.name}.expert{e}@{s}" for e in range(blk.n_experts) for s in range(S)]
-        links += [(int(groups[e, s]), int(first + s), keep) for e in range(blk.n_experts) for s in range(S)]
-        cost += [b_cost, e_cost]
-        bits += [b_bits, e_bits]
-        allowed += [b_allowed, e_allowed]
-    params = dense.counted_params + sum(b.expert_params for b in blocks)
-    problem = LinkedProblem(names, np.concatenate(cost), np.concatenate(bits), np.concatenate(allowed), params, links)
-    return problem, JointLayout(dense.num_groups, tuple(widths), basis_groups, expert_groups)
+        experts = add([f"{blk.name}.expert{e}@{s}" for e in range(blk.n_experts) for s in range(S)], e_cost, e_bits,
+                      e_allowed).reshape(blk.n_experts, S)
+        layout.basis_groups.append(basis)
+        layout.expert_groups.append(experts)
+        links += [(int(experts[e, s]), int(basis[s]), keep) for e in range(blk.n_experts) for s in range(S)]
+        mode = layout.mode_groups[blk.layer]
+        equivalences += [(int(g), absent, mode, drop) for g in [*basis, *experts.ravel()]]
+    problem = LinkedProblem(names, np.concatenate(cost), np.concatenate(bits), np.concatenate(allowed),
+                            tensors.counted_params, links, equivalences=equivalences)
+    return problem, layout

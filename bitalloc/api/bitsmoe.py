@@ -1,10 +1,12 @@
-"""``allocate --method bitsmoe``: MoE experts as a shared basis plus quantized spectral slabs, one exact solve.
+"""``allocate --method bitsmoe``: each MoE layer's experts decomposed (a shared basis plus quantized spectral
+slabs) or per tensor, whichever the one exact solve finds better.
 
 Steps: the error table (per-tensor scores, as the default method computes them, or a saved one) ->
 the spectral pass (``sensitivity.bitsmoe``: bases, factors, the surrogate of every slab at every width)
--> the surrogate in the table's loss units -> one linked knapsack over the dense tensors' candidates,
-the experts' factor slabs and the bases' slabs (``allocator.bitsmoe``, ``allocator.linked``) -> a plan
-with a ``decomposition`` section. docs/bitsmoe.md explains each step and its choices.
+-> the surrogate in the table's loss units -> one linked knapsack over every tensor's per-tensor candidates,
+the experts' factor slabs, the bases' slabs and one decomposed-or-not switch per MoE layer
+(``allocator.bitsmoe``, ``allocator.linked``), started from the per-tensor plan -> a plan whose
+``decomposition`` section lists the decomposed layers (none: no section). docs/bitsmoe.md explains each step.
 
 Loss units: for every expert tensor, the table predicts a loss increase err(c) for RTN of the whole
 tensor at each candidate c, and the spectral pass measures the output error mse(c) of that same
@@ -21,16 +23,16 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
-from ..allocator import Assignment
-from ..allocator.bitsmoe import SlabBlock, joint_problem
-from ..allocator.linked import solve_linked
+from ..allocator import Assignment, Problem, solve as run_solver
+from ..allocator.bitsmoe import JointLayout, SlabBlock, joint_problem
+from ..allocator.linked import LinkedProblem, solve_linked
 from ..budget import Budget
-from ..errors import BitallocError, ConstraintError
+from ..errors import BitallocError, BudgetError, ConstraintError
 from ..plan import (SLAB_WIDTH, SPECTRAL_WIDTHS, BudgetInfo, Decomposition, DecomposedBlock, Entry, FactorSlab, Plan,
                     SolverInfo)
 from ..progress import Tracker
 from ..sensitivity.table import ErrorTable
-from .config import CalibrationConfig
+from .config import CalibrationConfig, SolveConfig
 from .context import ModelContext
 
 if TYPE_CHECKING:
@@ -52,13 +54,18 @@ def allocate_bitsmoe(ctx: ModelContext, budget: Budget, calib: Optional[str | Pa
     solve = ctx.solve
     blocks = expert_blocks(ctx.inv.quantized)
     _check_supported(ctx, calib, bool(blocks))
-    dense = _dense_context(ctx)
+    tensor_layer = _group_layers(ctx)
     bounds = [slab_bounds(block_rank(b.basis_dim, b.factor_cols, len(b.units)), solve.rank_slab) for b in blocks]
-    specs = [SlabBlock(f"layers.{b.layer}.{b.projection}", len(b.units), tuple(z - a for a, z in bb), b.factor_cols,
-                       b.basis_dim, sum(u.numel for u in b.units)) for b, bb in zip(blocks, bounds)]
-    zeros = [np.zeros((s.n_experts, len(s.slab_rows), len(SPECTRAL_WIDTHS))) for s in specs]
+    specs = [SlabBlock(f"layers.{b.layer}.{b.projection}", b.layer, len(b.units), tuple(z - a for a, z in bb),
+                       b.factor_cols, b.basis_dim) for b, bb in zip(blocks, bounds)]
+
+    def joint(tensors: Problem, costs: list[np.ndarray]) -> tuple[LinkedProblem, JointLayout]:
+        problem, layout = joint_problem(tensors, tensor_layer, specs, costs, SPECTRAL_WIDTHS, FACTOR_GROUP,
+                                        FACTOR_SYMMETRIC, solve.decompose == "all")
+        return problem.with_budget(budget), layout
+
     # an unreachable budget fails before the (long) calibration passes
-    joint_problem(dense.structure, specs, zeros, SPECTRAL_WIDTHS, FACTOR_GROUP, FACTOR_SYMMETRIC)[0].with_budget(budget)
+    joint(ctx.structure, [np.zeros((s.n_experts, len(s.slab_rows), len(SPECTRAL_WIDTHS))) for s in specs])
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -78,25 +85,33 @@ def allocate_bitsmoe(ctx: ModelContext, budget: Budget, calib: Optional[str | Pa
 
     costs = [loss_units(sb.slab_error, sb.output_mse, [u.tensor for u in sb.block.units], table, ctx)
              for sb in spectral]
-    dense_problem = dense.with_table(dense.structure, table)
-    problem, layout = joint_problem(dense_problem, specs, costs, SPECTRAL_WIDTHS, FACTOR_GROUP, FACTOR_SYMMETRIC)
-    problem = problem.with_budget(budget)
+    per_tensor = ctx.with_table(ctx.structure, table)
+    problem, layout = joint(per_tensor, costs)
     task = track.task("solve (bitsmoe, CP-SAT)", 1)
-    assignment = solve_linked(problem, solve.time_limit_s, calibration.seed)
+    hint = None if solve.decompose == "all" else _per_tensor_choice(per_tensor, budget, solve, calibration.seed)
+    assignment = solve_linked(problem, solve.time_limit_s, calibration.seed,
+                              None if hint is None else layout.embed(hint))
     task.advance()
-    dense_choice, kept, widths = layout.decode(assignment.choice, len(dense_problem.candidates))
+    chosen = layout.decode(assignment.choice)
 
-    base = build_plan(dense, replace(dense_problem, budget_bits=problem.budget_bits),
-                      Assignment(dense_choice, assignment.solver, assignment.status, 0.0), table, budget)
+    decomposed = {layer for layer, d in chosen.decomposed.items() if d}
+    stored = _without_experts(ctx, decomposed)
+    stored_problem = stored.with_table(stored.structure, table)
+    index = {name: g for g, name in enumerate(per_tensor.group_names)}
+    stored_choice = np.array([chosen.tensors[index[name]] for name in stored_problem.group_names], dtype=np.int64)
+    base = build_plan(stored, replace(stored_problem, budget_bits=problem.budget_bits),
+                      Assignment(stored_choice, assignment.solver, assignment.status, 0.0), table, budget)
     decomposition = Decomposition(rank_slab=solve.rank_slab, group_size=FACTOR_GROUP, symmetric=FACTOR_SYMMETRIC,
                                   blocks=[_block(sb, bb, k, w, c) for sb, bb, k, w, c
-                                          in zip(spectral, bounds, kept, widths, costs)])
+                                          in zip(spectral, bounds, chosen.kept, chosen.widths, costs)
+                                          if sb.block.layer in decomposed]) if decomposed else None
     entries = _entries(ctx, base, decomposition, table)
     counted = [e for e in entries if not e.locked]
-    bits = sum(e.storage_bits for e in counted) + decomposition.storage_bits
+    bits = sum(e.storage_bits for e in counted) + (decomposition.storage_bits if decomposition else 0)
     locked_bits = sum(e.storage_bits for e in entries if e.locked)
     params = sum(e.numel for e in counted)
     timings.update(solve_s=assignment.seconds, total_s=time.perf_counter() - t_start)
+    per_tensor_layers = sorted(set(chosen.decomposed) - decomposed)
     return Plan.model_validate({
         **base.model_dump(), "entries": entries, "tie_groups": ctx.inv.tie_groups, "decomposition": decomposition,
         "timings": timings,
@@ -106,8 +121,36 @@ def allocate_bitsmoe(ctx: ModelContext, budget: Budget, calib: Optional[str | Pa
         "solver": SolverInfo(name=assignment.solver, status=assignment.status, objective=assignment.objective,
                              bound=assignment.bound, gap=assignment.gap, seconds=assignment.seconds,
                              objective_scale=assignment.objective_scale, granularity="slab",
-                             note=f"bitsmoe: experts as shared bases + factor slabs of {solve.rank_slab} ranks"),
+                             note=f"bitsmoe: MoE layers {_layers(sorted(decomposed))} decomposed (shared bases + "
+                                  f"factor slabs of {solve.rank_slab} ranks), {_layers(per_tensor_layers)} per tensor"),
     })
+
+
+def _layers(layers: list[int]) -> str:
+    return ",".join(map(str, layers)) if layers else "none"
+
+
+def _per_tensor_choice(per_tensor: Problem, budget: Budget, solve: SolveConfig, seed: int) -> Optional[np.ndarray]:
+    """The default method's solution at ``budget`` (None where that budget is outside its reach): a feasible point
+    of the joint problem that the joint solve must match or beat."""
+    try:
+        problem = per_tensor.with_budget(budget)
+    except BudgetError:
+        return None
+    return run_solver(problem, solve.solver, time_limit_s=solve.time_limit_s, seed=seed).choice
+
+
+def _group_layers(ctx: ModelContext) -> list[Optional[int]]:
+    """The MoE layer whose experts each group of the per-tensor problem holds (None: a dense group)."""
+    units, owner = ctx.inv.quantized, ctx.units.owner
+    out = []
+    for name, members in zip(ctx.structure.group_names, ctx.structure.members):
+        layers = {units[owner[m]].layer if units[owner[m]].expert is not None else None for m in members}
+        if len(layers) != 1:
+            raise ConstraintError(f"{name} ties tensors of different MoE layers (or experts with dense tensors); "
+                                  "--method bitsmoe stores each layer's experts decomposed or per tensor as a whole")
+        out.append(layers.pop())
+    return out
 
 
 def loss_units(slab_error: np.ndarray, output_mse: np.ndarray, tensors: list[str], table: ErrorTable,
@@ -139,10 +182,10 @@ def _check_supported(ctx: ModelContext, calib: Optional[str | Path], has_experts
                               "reach expert tensors cannot apply to it (restrict them to other tensors)")
 
 
-def _dense_context(ctx: ModelContext) -> ModelContext:
-    """``ctx`` without the MoE experts: the per-tensor part of the joint problem."""
-    keep = [not u.expert is not None for u in ctx.inv.quantized]
-    units = [u for u in ctx.inv.units if not u.expert is not None]
+def _without_experts(ctx: ModelContext, layers: set[int]) -> ModelContext:
+    """``ctx`` without the MoE experts of ``layers`` (the decomposed ones): the per-tensor part of the plan."""
+    keep = [u.expert is None or u.layer not in layers for u in ctx.inv.quantized]
+    units = [u for u in ctx.inv.units if u.expert is None or u.layer not in layers]
     names = {u.tensor for u in units}
     inv = replace(ctx.inv, units=units, tie_groups=[g for g in ctx.inv.tie_groups if set(g.members) <= names])
     return ModelContext.from_inventory(ctx.ckpt, inv, ctx.candidates, ctx.solve, ctx.allowed[np.array(keep, bool)])
@@ -161,11 +204,12 @@ def _block(sb: "SpectralBlock", bounds: list[tuple[int, int]], kept: np.ndarray,
                           energy=[float(x) for x in cost[:, s, drop]]) for s, (a, z) in enumerate(bounds)])
 
 
-def _entries(ctx: ModelContext, base: Plan, decomposition: Decomposition, table: ErrorTable) -> list[Entry]:
-    """Every unit in inventory order: the dense plan's entries, and one decomposed entry per expert tensor."""
+def _entries(ctx: ModelContext, base: Plan, decomposition: Optional[Decomposition], table: ErrorTable) -> list[Entry]:
+    """Every unit in inventory order: the per-tensor plan's entries, and one decomposed entry per expert tensor of
+    a decomposed layer."""
     dense = base.entry_map()
     factor_bits = {t: blk.expert_bits(e, decomposition.group_size, decomposition.symmetric)
-                   for blk in decomposition.blocks for e, t in enumerate(blk.experts)}
+                   for blk in decomposition.blocks for e, t in enumerate(blk.experts)} if decomposition else {}
     out = []
     for u in ctx.inv.units:
         if u.tensor in dense:

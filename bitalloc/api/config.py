@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 
 METHODS = ("per-tensor", "bitsmoe")  # how MoE experts are allocated: whole tensors, or BitsMoE spectral slabs
+DECOMPOSE = ("auto", "all")  # bitsmoe: each MoE layer decomposed where the solve finds it pays, or every one
 ROUNDINGS = ("rtn", "gptq")  # the weight errors a table can predict (docs/sensitivity.md, rounding-aware plans)
 # What the plan is for: a compressed-tensors checkpoint (bits + groups) or llama.cpp (ggml types, GGUF bytes;
 # token embedding and output quantized by default, as llama-quantize does). Each target's default candidates:
@@ -114,7 +115,8 @@ class SolveConfig:
     ``granularity``: tensor | expert | slab; ``constraints``: pins and bit bounds; ``time_table``
     (seconds per parameter of each candidate id) with ``time_budget`` adds a kernel-time constraint;
     ``time_limit_s`` bounds CP-SAT (the plan reports the gap if it is hit). ``method`` "bitsmoe" stores MoE
-    experts as a shared basis plus factors whose slabs of ``rank_slab`` ranks get widths (docs/bitsmoe.md).
+    experts as a shared basis plus factors whose slabs of ``rank_slab`` ranks get widths (docs/bitsmoe.md), in
+    the MoE layers where that pays (``decompose`` "auto") or in every one ("all", BitsMoE as published).
     """
 
     solver: str = "auto"
@@ -126,10 +128,13 @@ class SolveConfig:
     time_limit_s: float = DEFAULT_TIME_LIMIT_S
     method: str = "per-tensor"
     rank_slab: int = RANK_SLAB
+    decompose: str = "auto"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConstraintError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.decompose not in DECOMPOSE:
+            raise ConstraintError(f"unknown --decompose {self.decompose!r}; choose one of {', '.join(DECOMPOSE)}")
         if isinstance(self.rank_slab, bool) or not isinstance(self.rank_slab, int) or self.rank_slab < 1:
             raise ConstraintError(f"rank slab {self.rank_slab!r} must be a positive number of ranks")
         if self.solver not in SOLVERS:
