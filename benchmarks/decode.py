@@ -29,9 +29,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import time_graph  # noqa: E402  (benchmarks/kernels.py: one way of timing graphs)
+from kernels import random_codes, time_graph  # noqa: E402  (benchmarks/kernels.py)
 
-from bitalloc.kernels.codes import Codes  # noqa: E402
 from bitalloc.kernels.quant_linear import QuantLinear  # noqa: E402
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -56,14 +55,7 @@ def plan_widths(path: str) -> dict[tuple[int, str], int]:
 def random_quant_linear(lin: nn.Linear, bits: int, seed: int) -> QuantLinear:
     """A ``QuantLinear`` of ``lin``'s shape with random codes (timing only: the values do not matter)."""
     out, inp = lin.weight.shape
-    g = torch.Generator(device=lin.weight.device).manual_seed(seed)
-    groups = -(-inp // GROUP)
-    dev, dtype = lin.weight.device, lin.weight.dtype
-    codes = Codes(torch.randint(0, 1 << bits, (out, inp), generator=g, device=dev, dtype=torch.uint8),
-                  (torch.rand(out, groups, generator=g, device=dev) * 0.02 + 1e-3).to(dtype),
-                  torch.randint(0, 1 << bits, (out, groups), generator=g, device=dev, dtype=torch.uint8),
-                  bits, GROUP)
-    return QuantLinear.from_codes(codes)
+    return QuantLinear.from_codes(random_codes(out, inp, bits, GROUP, lin.weight.dtype, seed))
 
 
 def tokens_per_second(model: nn.Module, prompt: torch.Tensor, tokens: int) -> dict[str, float]:

@@ -206,17 +206,21 @@ def check() -> bool:
     return not failures
 
 
+def triton_launch(x: torch.Tensor, kw: KernelWeight) -> torch.Tensor:
+    """``x @ W.T`` by the dispatcher's kernel for this batch, through triton's own launch path."""
+    out = torch.empty(x.shape[0], kw.out_features, dtype=x.dtype, device=x.device)
+    return launch(dispatch.path(x.shape[0]), x, kw, out)
+
+
 def fast_path_failures(module_path: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                        kw: KernelWeight, bits: int, m: int) -> list[str]:
     """A repeated call (the bound launch of ``launch.py``) equals triton's own launch path bit for
     bit, and a misaligned view of the same signature (refused by the bound launch, so triton's
     path, which compiles an unaligned variant) agrees with it."""
-    kind = dispatch.path(m)
-    if kind == "dequant":
+    if dispatch.path(m) == "dequant":
         return []
     fast = module_path(x)
-    slow = torch.empty_like(fast)
-    launch(kind, x, kw, slow)
+    slow = triton_launch(x, kw)
     failures = [] if torch.equal(fast, slow) else [f"bound launch bits={bits} M={m}: differs from triton's"]
     flat = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
     shifted = flat[1:].view_as(x)
@@ -296,11 +300,8 @@ def verify(row: dict, x: torch.Tensor, kw: KernelWeight, codes: Codes) -> None:
         return
     y = quant_linear_impl(x, kw.qweight, kw.scale_zero, kw.bits, GROUP, kw.in_features)
     row["rel_err"] = rel_err(y, reference.linear(x, codes))
-    kind = dispatch.path(x.shape[0])
-    if kind != "dequant":
-        slow = torch.empty_like(y)
-        launch(kind, x, kw, slow)
-        row["bound_equals_triton"] = bool(torch.equal(y, slow))
+    if dispatch.path(x.shape[0]) != "dequant":
+        row["bound_equals_triton"] = bool(torch.equal(y, triton_launch(x, kw)))
     ok = row["rel_err"] < 1e-2 and row.get("bound_equals_triton", True)
     print(f"verify {row['out']}x{row['in']} M={row['M']} {kw.bits}b: rel err {row['rel_err']:.1e}, "
           f"bound == triton: {row.get('bound_equals_triton')} {'ok' if ok else 'FAIL'}", flush=True)

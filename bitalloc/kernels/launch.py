@@ -16,6 +16,7 @@ returns no compiled kernel and nothing is kept.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -47,6 +48,23 @@ def bind(compiled: Any, fn: Any, grid: tuple[int, ...], runtime: int,
     names = fn.arg_names[runtime:]
     grid3 = (tuple(grid) + (1, 1))[:3]
     return Launch(compiled, grid3, tuple(kwargs[n] for n in names))
+
+
+def run(fn: Any, tuned: Any, grid: Callable[[dict], tuple[int, ...]], args: tuple, meta: dict[str, Any],
+        config: Any = None, warmup: bool = False) -> Launch | None:
+    """Launch ``fn`` (``tuned``: its autotuner) through triton and bind the compiled kernel for later calls.
+
+    ``config`` pins one configuration (tests, the interpreter), None autotunes; ``warmup`` compiles every
+    configuration without launching. ``grid`` maps the chosen configuration's values to the grid.
+    """
+    kernel, pinned = (tuned, {}) if config is None else (fn, config.all_kwargs())
+    meta = {**pinned, **meta}
+    if warmup:
+        kernel.warmup(*args, **meta, grid=(1,))
+        return None
+    compiled = kernel[grid](*args, **meta)
+    chosen = {**(config or tuned.best_config).all_kwargs(), **meta}
+    return bind(compiled, fn, grid(chosen), len(args), chosen)
 
 
 def aligned(*tensors: torch.Tensor) -> bool:

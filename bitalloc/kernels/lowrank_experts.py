@@ -23,6 +23,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from .reference import dequantize_groups
+
 
 class FactorSlab(nn.Module):
     """Rows ``start .. start + rows`` (coordinates in the stored basis) of one expert's factor.
@@ -58,10 +60,7 @@ class FactorSlab(nn.Module):
         """fp32 ``[rows, n]``."""
         if self.values is not None:
             return self.values.float()
-        n = self.codes.shape[1]
-        zero = self.zero.float().repeat_interleave(self.group_size, dim=1)[:, :n]
-        scale = self.scale.float().repeat_interleave(self.group_size, dim=1)[:, :n]
-        return (self.codes.float() - zero) * scale
+        return dequantize_groups(self.codes, self.scale, self.zero, self.group_size)
 
 
 class SharedBasisFactors(nn.Module):

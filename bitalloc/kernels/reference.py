@@ -11,12 +11,19 @@ from .layout import KernelWeight, unrepack
 from .codes import Codes
 
 
+def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                      group_size: int) -> torch.Tensor:
+    """fp32 ``(q - zero) * scale`` of ``[rows, n]`` codes with one scale and zero per row and group of columns
+    (any width: BitsMoE's factor slabs use 1 and 6 bits too, which ``Codes`` does not hold)."""
+    n = codes.shape[1]
+    zeros = zeros.float().repeat_interleave(group_size, dim=1)[:, :n]
+    scales = scales.float().repeat_interleave(group_size, dim=1)[:, :n]
+    return (codes.float() - zeros) * scales
+
+
 def dequantize(c: Codes) -> torch.Tensor:
     """fp32 ``[out, in]`` weight ``(q - zero) * scale``, group by group."""
-    inp = c.shape[1]
-    zeros = c.zeros.float().repeat_interleave(c.group_size, dim=1)[:, :inp]
-    scales = c.scales.float().repeat_interleave(c.group_size, dim=1)[:, :inp]
-    return (c.codes.float() - zeros) * scales
+    return dequantize_groups(c.codes, c.scales, c.zeros, c.group_size)
 
 
 def linear(x: torch.Tensor, c: Codes) -> torch.Tensor:

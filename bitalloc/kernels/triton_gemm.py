@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import Launch, bind
+from . import launch
+from .launch import Launch
 from .layout import COLS, KernelWeight
 from .triton_decode import load_plane
 
@@ -173,19 +174,13 @@ def gemm(x: torch.Tensor, kw: KernelWeight, out: torch.Tensor, consts: dict[str,
     ``config``, ``warmup`` and the result as for ``triton_gemv.gemv``.
     """
     a = args(x, kw, out)
-    bm = a[-1]
-    kernel, meta = (_autotuned, {}) if config is None else (_gemm_kernel, config.all_kwargs())
-    meta = {**meta, **consts, "STEP": min(kw.group_size, consts["CPW"] * COLS), "BLOCK_M": bm}
-    if warmup:
-        kernel.warmup(*a, **meta, grid=(1,))
-        return None
-    m = x.shape[0]
+    m, bm = x.shape[0], a[-1]
+
     def grid(c: dict) -> tuple[int, int, int]:
         return triton.cdiv(kw.out_features, c["BLOCK_N"]), triton.cdiv(m, bm), c["SPLIT_K"]
 
-    compiled = kernel[grid](*a, **meta)
-    chosen = {**(config or _autotuned.best_config).all_kwargs(), **meta}
-    return bind(compiled, _gemm_kernel, grid(chosen), len(a), chosen)
+    meta = {**consts, "STEP": min(kw.group_size, consts["CPW"] * COLS), "BLOCK_M": bm}
+    return launch.run(_gemm_kernel, _autotuned, grid, a, meta, config, warmup)
 
 
 def dequantize(kw: KernelWeight, dtype: torch.dtype, consts: dict[str, int],

@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import Launch, bind
+from . import launch
+from .launch import Launch
 from .layout import TILE, KernelWeight
 from .triton_decode import MAGIC, code_minus_zero, load_plane
 
@@ -131,14 +132,9 @@ def gemv(x: torch.Tensor, kw: KernelWeight, out: torch.Tensor, consts: dict[str,
     kernel bound for later calls of the same signature (None under the interpreter, or warmup).
     """
     a = args(x, kw, out)
-    kernel, meta = (_autotuned, {}) if config is None else (_gemv_kernel, config.all_kwargs())
-    meta = {**meta, **consts, "EVEN_K": kw.in_features % TILE == 0, "BLOCK_M": a[-1]}
-    if warmup:
-        kernel.warmup(*a, **meta, grid=(1,))
-        return None
+
     def grid(c: dict) -> tuple[int]:
         return (triton.cdiv(kw.out_features, c["BLOCK_N"] * (1 + c["PAIR"])),)
 
-    compiled = kernel[grid](*a, **meta)
-    chosen = {**(config or _autotuned.best_config).all_kwargs(), **meta}
-    return bind(compiled, _gemv_kernel, grid(chosen), len(a), chosen)
+    meta = {**consts, "EVEN_K": kw.in_features % TILE == 0, "BLOCK_M": a[-1]}
+    return launch.run(_gemv_kernel, _autotuned, grid, a, meta, config, warmup)

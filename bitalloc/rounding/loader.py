@@ -72,12 +72,20 @@ def load_quantized_weights(model: str | Path | Checkpoint) -> dict[str, Quantize
 
 def iter_quantized_weights(model: str | Path | Checkpoint) -> Iterator[tuple[str, QuantizedWeight]]:
     """The packed modules one at a time, so a loader holds one module's unpacked codes, not the model's."""
+    ckpt = model if isinstance(model, Checkpoint) else Checkpoint(model)
+    cfg, decomposition = read_quantization_config(ckpt), read_decomposition(ckpt)
+    yield from _packed_modules(ckpt, cfg, _stored_by_decomposition(decomposition))
+
+
+def _stored_by_decomposition(decomposition: Decomposition | None) -> set[str]:
+    """Tensor names a decomposition stores (read through ``read_block``, not as packed modules)."""
+    return stored_names(decomposition) if decomposition else set()
+
+
+def _packed_modules(ckpt: Checkpoint, cfg: dict[str, Any], skip: set[str]) -> Iterator[tuple[str, QuantizedWeight]]:
+    """``iter_quantized_weights`` on a checkpoint whose config and decomposition have been read."""
     from ..export.compressed_tensors import resolve
 
-    ckpt = model if isinstance(model, Checkpoint) else Checkpoint(model)
-    cfg = read_quantization_config(ckpt)
-    decomposition = read_decomposition(ckpt)
-    skip = stored_names(decomposition) if decomposition else set()
     for name in ckpt.tensors:
         if not name.endswith(".weight_packed") or name in skip:
             continue
@@ -144,7 +152,7 @@ def load_quantized_model(model: str | Path, device: str | torch.device = "cpu",
     from transformers import AutoConfig, AutoModelForCausalLM
 
     ckpt = Checkpoint(model)
-    read_quantization_config(ckpt)  # before transformers reads the config
+    cfg = read_quantization_config(ckpt)  # before transformers reads the config
     decomposition = read_decomposition(ckpt)
     # built dense from the architecture's own config class (a decomposed checkpoint names a model_type of its own);
     # the quantized layers are put in below
@@ -157,10 +165,10 @@ def load_quantized_model(model: str | Path, device: str | torch.device = "cpu",
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lm = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=dtype)
-    skip = stored_names(decomposition) if decomposition else set()
+    skip = _stored_by_decomposition(decomposition)
     state = {n: ckpt.load(n, dtype) for n in ckpt.tensors
              if n.rpartition(".")[2] not in PACKED_SUFFIXES and n not in skip}
-    _install(lm, iter_quantized_weights(ckpt), state)
+    _install(lm, _packed_modules(ckpt, cfg, skip), state)
     if decomposition is not None:
         _install_lowrank(lm, {b.basis: read_block(ckpt, b, decomposition) for b in decomposition.blocks},
                          decomposition)
