@@ -83,13 +83,13 @@ def tokens_per_second(model: nn.Module, prompt: torch.Tensor, tokens: int) -> di
 def e2e(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from bitalloc import load_quantized
+    from bitalloc.rounding.loader import load_quantized_model  # the API package would import the solvers
 
     prompt = torch.randint(0, 1000, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0)).cuda()
     dense = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).cuda().eval()
     rows = {"bf16": tokens_per_second(dense, prompt, args.tokens)}
     del dense
-    quant = load_quantized(args.quantized, device="cuda", dtype=torch.float16).eval()
+    quant = load_quantized_model(args.quantized, "cuda", torch.float16).eval()
     rows["bitalloc"] = tokens_per_second(quant, prompt, args.tokens)
     rows["speedup"] = rows["bitalloc"]["tokens_per_s"] / rows["bf16"]["tokens_per_s"]
     return rows

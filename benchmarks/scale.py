@@ -22,7 +22,9 @@ import argparse
 import json
 import resource
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -97,7 +99,8 @@ def _tokenizer_and_text(out: Path, vocab: int, seed: int, words: int = 400_000) 
     (out / "calib.txt").write_text("\n".join(lines) + "\n")
 
 
-def run(model: Path, tokens: int, seqlen: int, device: str, save: Path | None, seed: int) -> None:
+def run(model: Path, tokens: int, seqlen: int, device: str, save: Path | None, seed: int,
+        profile: Path | None = None) -> None:
     from bitalloc.model.checkpoint import Checkpoint
     from bitalloc.model.inventory import build_inventory
     from bitalloc.plan import DEFAULT_CANDIDATES
@@ -111,7 +114,8 @@ def run(model: Path, tokens: int, seqlen: int, device: str, save: Path | None, s
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    table = measure_errors(ckpt, inv, ids, list(DEFAULT_CANDIDATES), device=device, seed=seed)
+    with _profiled(profile, cuda):
+        table = measure_errors(ckpt, inv, ids, list(DEFAULT_CANDIDATES), device=device, seed=seed)
     wall = time.perf_counter() - t0
     result = {"model": str(model), "layers": ckpt.num_layers, "tokens": int(ids.numel()), "device": device,
               "wall_s": round(wall, 2), "tokens_per_s": round(ids.numel() / wall, 1),
@@ -123,6 +127,24 @@ def run(model: Path, tokens: int, seqlen: int, device: str, save: Path | None, s
     if save is not None:
         table.save(save)
     print(json.dumps(result))
+
+
+@contextmanager
+def _profiled(out: Path | None, cuda: bool) -> Iterator[None]:
+    """Run under torch.profiler when ``out`` is given and write its operator tables there: where the pass's
+    time goes, by device time and by host time (the profiler slows the pass; time it without)."""
+    if out is None:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        yield
+    avg = prof.key_averages()
+    keys = (["self_cuda_time_total"] if cuda else []) + ["self_cpu_time_total", "cpu_time_total"]
+    out.write_text("\n\n".join(f"sorted by {k}\n" + avg.table(sort_by=k, row_limit=40, max_name_column_width=60)
+                                for k in keys))
 
 
 def compare(a: Path, b: Path) -> None:
@@ -148,6 +170,7 @@ def main() -> None:
     r.add_argument("--device", default="auto")
     r.add_argument("--save", type=Path)
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--profile", type=Path, help="write torch.profiler operator tables to this file")
     c = sub.add_parser("compare")
     c.add_argument("a", type=Path)
     c.add_argument("b", type=Path)
@@ -155,7 +178,7 @@ def main() -> None:
     if args.cmd == "build":
         build(args.out, args.shape, args.layers, args.device, args.seed)
     elif args.cmd == "run":
-        run(args.model, args.tokens, args.seqlen, args.device, args.save, args.seed)
+        run(args.model, args.tokens, args.seqlen, args.device, args.save, args.seed, args.profile)
     else:
         compare(args.a, args.b)
 

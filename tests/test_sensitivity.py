@@ -75,14 +75,27 @@ def test_rank_one_weight_has_all_spectral_energy_at_k1():
     g = torch.Generator().manual_seed(4)
     w = torch.randn(40, 1, generator=g) @ torch.randn(1, 30, generator=g)
     out = spectral.predict(_ctx(w, 10 * torch.eye(30), 10))
-    assert out.stats["spectral_w_top_energy"] == pytest.approx(1.0, abs=1e-9)
-    assert out.stats["spectral_w_eff_rank"] == pytest.approx(1.0, abs=1e-6)
-    assert out.stats["spectral_act_eff_rank"] == pytest.approx(1.0, abs=1e-6)
+    assert out.stats["spectral_act_top_energy"] == pytest.approx(1.0, abs=1e-6)
+    assert out.stats["spectral_act_eff_rank"] == pytest.approx(1.0, abs=1e-4)
     e = out.vectors["rank_slab_energy"]
     assert e.sum() == pytest.approx(float(w.double().pow(2).sum()), rel=1e-5)  # H / T = I (up to the damping)
     # the error: energy x relative noise
     dw = rtn_error(w, CANDS[0].bits, CANDS[0].group_size)
     assert out.errors["spectral"][:, 0].sum() == pytest.approx(float(dw.double().pow(2).sum()), rel=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+def test_spectral_energy_is_the_trace_and_the_spectrum_sums_to_it(shape):
+    """E = tr(W H W^T) / T (the score's factor, from one product) equals the sum of the fp32 spectrum,
+    on both eigenvalue routes (out <= in: W H W^T; out > in: through the Cholesky factor of H)."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(*shape, generator=g)
+    x = torch.randn(200, shape[1], generator=g) @ torch.randn(shape[1], shape[1], generator=g)
+    h, tokens = x.T @ x, 200
+    energy, sq = spectral.activation_energies(_ctx(w, h, tokens))
+    exact = float(torch.trace(w.double() @ h.double() @ w.double().T)) / tokens
+    assert energy == pytest.approx(exact, rel=1e-5)
+    assert sq.sum() == pytest.approx(exact, rel=1e-4) and len(sq) == min(shape) and (np.diff(sq) <= 0).all()
 
 
 def test_effective_rank_of_a_flat_spectrum_is_its_length():
@@ -203,7 +216,7 @@ def test_table_holds_every_score_and_combined_metadata(llama_scores):
 
 def test_memory_formula_and_one_layer_on_a_deep_synthetic_checkpoint(tmp_path, calib_file, monkeypatch):
     """16 layers generated in a temp dir: weights materialised at any time = one layer = the formula's term."""
-    from bitalloc.model import layerwise
+    from bitalloc.model import hooks, layerwise
 
     model = build_tiny_model(tmp_path / "deep", num_hidden_layers=16)
     config = json.loads((model / "config.json").read_text())
@@ -229,13 +242,23 @@ def test_memory_formula_and_one_layer_on_a_deep_synthetic_checkpoint(tmp_path, c
     def grads(self, w, dws, n_seq, seed):
         grad_init(self, w, dws, n_seq, seed)
         held = [self.fisher, self.mean, *self.dws]
-        grad_bytes.append(4 * (sum(t.numel() for t in held) + w.numel()))  # + the parameter's .grad
+        grad_bytes.append(4 * sum(t.numel() for t in held))
+
+    sample_bytes = []
+    weight_grad = hooks.SampleGrads.weight_grad
+
+    def per_sequence(self, key):
+        g = weight_grad(self, key)
+        sample_bytes.append(2 * 4 * g.numel())  # the batch's gradients and add_batch's one temporary
+        return g
 
     monkeypatch.setattr(layerwise.LayerwiseModel, "load_layer", counted)
     monkeypatch.setattr(layerwise.ActivationStore, "__init__", store)
     monkeypatch.setattr(collect.GradStats, "__init__", grads)
+    monkeypatch.setattr(hooks.SampleGrads, "weight_grad", per_sequence)
     monkeypatch.setattr(combined, "SAMPLE_UNITS", 0)
     collect.measure_errors(Checkpoint(model), build_inventory(Checkpoint(model)), ids, list(DEFAULT_CANDIDATES))
+    assert max(sample_bytes) == est.samples  # 4 sequences per backward pass, the largest unit
     assert max(live_bytes) == est.weights  # never more than one decoder layer, whatever the depth
     assert sum(store_bytes) == est.disk  # 4 checkpointed layer inputs and 3 replayed ones, not 16 + 2
     assert est.disk * 2 < 4 * 4 * 32 * config["hidden_size"] * (16 + 2)

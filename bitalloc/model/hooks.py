@@ -134,3 +134,63 @@ class InputStats:
             self._h32.pop(key, None)
         for key, n in zip(keys, group.sum_float(*(self._tokens[k] for k in keys))):
             self._tokens[key] = int(n)
+
+
+def linear_module(layer: nn.Module, unit: Unit) -> Optional[str]:
+    """The local name of the ``nn.Linear`` whose whole weight is ``unit``, or None (fused experts, other modules)."""
+    if unit.role in EXPERT_ROLES:
+        return None
+    name = unit.local.rsplit(".", 1)[0]
+    try:
+        mod = layer.get_submodule(name)
+    except AttributeError:
+        return None
+    return name if isinstance(mod, nn.Linear) and unit.local.endswith(".weight") else None
+
+
+class SampleGrads:
+    """Each sequence's own weight gradient of some linear units, from one backward pass over a batch.
+
+    Why: autograd sums a batch's weight gradients, but the gradient statistics need every sequence's
+    g_s = sum_t dy_{s,t} x_{s,t}^T separately, which used to cost one backward pass per sequence
+    (hundreds of small launches each, the weights' own gradients computed and thrown away). Here the
+    layer's parameters need no gradient at all: forward hooks keep each linear's input and output,
+    one backward of the batch gives dL/dy of every output, and g_s is one batched matmul per unit, the
+    same arithmetic as autograd's weight gradient.
+    """
+
+    def __init__(self, layer: nn.Module, modules: dict[str, str]):
+        """``modules``: key (the unit's tensor name) -> local name of its ``nn.Linear`` in ``layer``."""
+        self._x: dict[str, torch.Tensor] = {}
+        self._y: dict[str, torch.Tensor] = {}
+        self._dy: dict[str, torch.Tensor] = {}
+        self.hooks = [layer.get_submodule(m).register_forward_hook(self._hook(k)) for k, m in modules.items()]
+
+    def _hook(self, key: str):
+        def hook(_mod, inputs, out):
+            self._x[key], self._y[key] = inputs[0].detach(), out
+        return hook
+
+    def backward(self, y: torch.Tensor, x: torch.Tensor, dl_dy: torch.Tensor, want_input: bool) -> Optional[torch.Tensor]:
+        """Backpropagate ``dl_dy`` from the layer output ``y``; returns dL/dx when ``want_input``.
+
+        ``x`` (the layer input) must require grad so that a graph exists even when the parameters do not.
+        """
+        self.close()
+        keys = list(self._y)
+        wrt = [self._y.pop(k) for k in keys] + ([x] if want_input else [])
+        grads = torch.autograd.grad(y, wrt, dl_dy) if wrt else ()
+        self._dy = dict(zip(keys, grads))
+        return grads[-1] if want_input else None
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+    def weight_grad(self, key: str) -> torch.Tensor:
+        """[batch, out, in] fp32: one sequence's weight gradient per row, consumed (freed) on return."""
+        x, dy = self._x.pop(key), self._dy.pop(key)
+        x = x.reshape(x.shape[0], -1, x.shape[-1]).float()
+        dy = dy.reshape(dy.shape[0], -1, dy.shape[-1]).float()
+        return torch.bmm(dy.transpose(1, 2), x)

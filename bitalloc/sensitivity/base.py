@@ -91,9 +91,9 @@ def scaled_noise(ctx: UnitContext, score: float) -> np.ndarray:
     return per_candidate(ctx, lambda dw: dw.pow(2).sum(0)) * (score / norm)
 
 
-def singular_energies(m: torch.Tensor) -> np.ndarray:
-    """Squared singular values of ``m``, descending, from the eigenvalues of its smaller Gram matrix."""
-    m = m.double()
+def singular_energies(m: torch.Tensor, dtype: torch.dtype = torch.float64) -> np.ndarray:
+    """Squared singular values of ``m``, descending, from the eigenvalues of its smaller Gram matrix (in ``dtype``)."""
+    m = m.to(dtype)
     gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
     return np.clip(torch.linalg.eigvalsh(gram).flip(0).cpu().numpy(), 0, None)
 

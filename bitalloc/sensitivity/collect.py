@@ -3,8 +3,9 @@
 Pipeline (memory: one decoder layer's weights in fp32 at a time, see ``memory.py``; layer inputs
 checkpointed on disk and replayed, ``model.replay``): embed -> forward through each layer -> loss
 and dL/dh at the top, one sequence at a time -> backward layer by layer in reverse,
-re-materialising each layer and its inputs, one sequence at a time so that each sequence's
-weight gradient is exact. While a layer is materialised, forward hooks accumulate each unit's input
+re-materialising each layer and its inputs; each sequence's weight gradient is exact, taken for a
+batch of sequences from one backward pass (``model.hooks.SampleGrads``; fused MoE experts: one
+backward pass per sequence). While a layer is materialised, forward hooks accumulate each unit's input
 second moment H, and every sequence's gradient updates the unit's gradient statistics
 (:class:`GradStats`). Then each unit's :class:`~.base.UnitContext` goes to every family in
 ``FAMILIES``, and the layer is released. MoE experts see only their routed tokens (counted); an
@@ -27,9 +28,9 @@ from torch import nn
 from ..errors import CalibrationError, ScoresError
 from ..model.checkpoint import Checkpoint
 from ..model.inventory import Inventory, Unit
-from ..model.hooks import InputStats
+from ..model.hooks import InputStats, SampleGrads, linear_module
 from ..model import distributed
-from ..model.layerwise import LayerwiseModel, unit_param, unit_slice, unit_view
+from ..model.layerwise import LayerwiseModel, iter_batches, unit_param, unit_slice, unit_view
 from ..model.replay import LayerInputs
 from ..plan import Candidate, Role
 from ..progress import SILENT, Tracker
@@ -40,6 +41,7 @@ from ..rounding.rtn import rtn_error
 from .table import DEFAULT_SCORE, IN_SUM2, SLAB_WIDTH, ErrorTable
 from . import combined, gradient, hessian, importance, spectral
 from .base import UnitContext, slab_sums_torch
+from .memory import sample_batch
 from .resume import Checkpoints, Row, resume_key
 from .truth import TruthRunner
 
@@ -54,7 +56,7 @@ STATS_BUDGET = 16 * 2**30  # bytes of per-unit gradient statistics held at once 
 class GradStats:
     """Per-sequence gradient statistics of one unit: Fisher diagonal, mean, dots with each dW, sketch.
 
-    ``add`` is called once per sequence; nothing of size n_seq x numel is ever kept.
+    ``add`` takes one sequence, ``add_batch`` a few; nothing of size n_seq x numel is ever kept.
     """
 
     def __init__(self, w: torch.Tensor, dws: list[torch.Tensor], n_seq: int, seed: int):
@@ -67,11 +69,22 @@ class GradStats:
         self.sketch = torch.zeros(n_seq, gradient.SKETCH_SIDE**2, device=w.device)
 
     def add(self, s: int, g: torch.Tensor) -> None:
+        """One sequence's gradient (global sequence index ``s``)."""
         g = g.float()
         self.fisher += g.pow(2)
         self.mean += g
         self.dots[s] = slab_sums_torch((self._stacked * g).sum(1))
         self.sketch[s] = self.sketch_fn(g)
+
+    def add_batch(self, seqs: torch.Tensor, g: torch.Tensor) -> None:
+        """Several sequences' gradients [batch, out, in] (``seqs``: their global indices); ``g`` is overwritten.
+
+        The same statistics as ``add`` once per row; one temporary of ``g``'s size at a time.
+        """
+        self.mean += g.sum(0)
+        self.dots[seqs] = torch.stack([slab_sums_torch((g * dw).sum(1)) for dw in self.dws], 1)
+        self.sketch[seqs] = self.sketch_fn.batch(g)
+        self.fisher += g.square_().sum(0)
 
     def state(self) -> dict[str, torch.Tensor]:
         """The accumulators (what a resumed pass restores); ``dws`` are recomputed from the weight."""
@@ -113,6 +126,8 @@ class _Results:
         self.tokens[r] = ctx.tokens
         if ctx.h is not None and any(c.ggml is not None for c in self.candidates):  # for `--imatrix FILE`
             self.vectors[IN_SUM2][r] = torch.diagonal(ctx.h).double().cpu().numpy()
+        if ctx.w.is_cuda:  # the sweep's queued kernels finish here, not inside the first family's timing
+            torch.cuda.synchronize(ctx.w.device)
         for name, fam in FAMILIES.items():
             t0 = time.perf_counter()
             out = fam.predict(ctx)
@@ -214,6 +229,7 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
     table. Progress is shown by rank 0 only. ``resume`` is a directory for per-layer checkpoints
     (``resume.py``): a pass interrupted after some layers continues from there when run again.
     """
+    t_start = time.perf_counter()
     group = distributed.current()
     if not group.leader:
         track = SILENT
@@ -242,6 +258,7 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
         meta["imatrix"] = True  # ggml errors are those of quantizing with this pass's importance matrix
 
     t0 = time.perf_counter()
+    setup_s = t0 - t_start  # the model skeleton (importing transformers) and the device's start
     stream = LayerInputs(lm, local_ids, FORWARD_BATCH, workdir, track, _lim_sum)
     try:
         grad = torch.empty(len(mine), seqlen, lm.hidden_size, device=lm.device)  # dL/dh at the current layer
@@ -327,16 +344,24 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
                     h = gptq_hessian(inputs, u, rounding)
                     imp = _mean_square(inputs.hessian(u.tensor), inputs.tokens(u.tensor)) if imatrix else None
                     stats[u.tensor] = (name, _grad_stats(unit_view(layer, u), candidates, n_seq, u, h, rounding, imp))
-                for s, g in enumerate(mine):
-                    x = x_all[s:s + 1].detach().requires_grad_(last)
-                    y = lm.run_layer(layer, x, pos1)
+                modules = {u.tensor: linear_module(layer, u) for u in sweep}
+                if all(modules.values()):  # plain linears: per-sequence gradients from batched backward passes
+                    for p in params.values():
+                        p.requires_grad_(False)
+                    _sweep_batched(lm, layer, x_all, grad, mine, modules, stats, last,
+                                   sample_batch(max((u.numel for u in sweep), default=0)))
+                else:  # fused experts: one backward pass per sequence, its weight gradient read from .grad
+                    for s, g in enumerate(mine):
+                        x = x_all[s:s + 1].detach().requires_grad_(last)
+                        y = lm.run_layer(layer, x, pos1)
+                        layer.zero_grad(set_to_none=True)
+                        y.backward(grad[s:s + 1])
+                        if last:
+                            grad[s:s + 1] = x.grad
+                        for u in sweep:
+                            name, st = stats[u.tensor]
+                            st.add(g, unit_slice(params[name].grad, layer, u))
                     layer.zero_grad(set_to_none=True)
-                    y.backward(grad[s:s + 1])
-                    if last:
-                        grad[s:s + 1] = x.grad
-                    for u in sweep:
-                        name, st = stats[u.tensor]
-                        st.add(g, unit_slice(params[name].grad, layer, u))
                 inputs.finish(group)  # H is complete after the first sweep
                 for u in sweep:
                     st = stats.pop(u.tensor)[1]
@@ -380,6 +405,7 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
             timings["combined_s"] = time.perf_counter() - t0
     finally:
         stream.close()
+    timings.update(setup_s=setup_s, total_s=time.perf_counter() - t_start)
     timings.update({f"family_{k}_s": v for k, v in res.seconds.items()})
     meta["timings"] = timings
     if lm.device.type == "cuda":  # per rank: what each GPU of the run needed
@@ -387,6 +413,32 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
     table = _check_finite(res.table(DEFAULT_SCORE, meta))
     ckpts.finish()
     return table
+
+
+def _sweep_batched(lm: LayerwiseModel, layer: nn.Module, x_all: torch.Tensor, grad: torch.Tensor, mine: list[int],
+                   modules: dict[str, str], stats: dict[str, tuple[str, GradStats]], last: bool, batch: int) -> None:
+    """One backward sweep of a layer whose swept units are plain linears, ``batch`` sequences per pass.
+
+    Each pass gives every unit's per-sequence gradients (``SampleGrads``) and, on the ``last`` sweep,
+    dL/dh of the layer's inputs (written into ``grad`` for the layer below).
+    """
+    seqlen = x_all.shape[1]
+    cos, sin = lm.position_embeddings(seqlen, min(batch, len(mine)))
+    index = torch.tensor(mine, device=grad.device)
+    for b in iter_batches(len(mine), batch):
+        n = b.stop - b.start
+        x = x_all[b].detach().requires_grad_(True)  # a graph without parameter gradients
+        grads = SampleGrads(layer, modules)
+        try:
+            y = lm.run_layer(layer, x, (cos[:n], sin[:n]))
+        finally:
+            grads.close()  # the skeleton's modules outlive this pass: no hook may stay on them
+        dx = grads.backward(y, x, grad[b], want_input=last)
+        del y
+        for key in modules:
+            stats[key][1].add_batch(index[b], grads.weight_grad(key))
+        if last:  # only now: autograd hands dL/dy of the residual branch's last linear back as this very view
+            grad[b] = dx
 
 
 def _agreed_progress(ckpts: Checkpoints, group: distributed.Group, n_layers: int) -> int:
@@ -439,7 +491,7 @@ def _add_combined(runner: TruthRunner, res: _Results, seed: int, track: Tracker)
 def stat_groups(units: list[Unit], n_candidates: int, budget: int) -> list[list[Unit]]:
     """Split a layer's units so that each group's gradient statistics fit in ``budget`` bytes.
 
-    A unit holds 4 * numel * (3 + C) bytes while its layer is swept (``GradStats`` plus the weight
+    A unit holds 4 * numel * (3 + C) bytes while its layer is swept (``GradStats`` plus its share of the weight
     gradient). Each group costs one backward sweep of the layer over all sequences, so a wide MoE
     layer (hundreds of experts) trades time for a bounded footprint; a unit larger than the budget
     gets a group of its own. Always at least one group (possibly empty: the sweep that carries

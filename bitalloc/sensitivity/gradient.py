@@ -1,7 +1,8 @@
 """Gradient family (DiscQuant / OBD): the calibration loss's own gradients w.r.t. each unit.
 
 Per calibration sequence s, g_s is the gradient of its mean next-token loss l_s with respect to
-the unit's weight (exact per sequence: the pass backpropagates one sequence at a time). With
+the unit's weight (exact per sequence: ``model.hooks.SampleGrads`` takes each sequence's own from a batched
+backward pass). With
 n_pred = seqlen - 1 predicted tokens per sequence, per-token Fisher information is about n_pred
 times the second moment of the per-sequence gradients, so the second-order expansion of the
 calibration loss L = mean_s l_s around the fp weights predicts
@@ -54,6 +55,10 @@ class Sketch:
 
     def __call__(self, g: torch.Tensor) -> torch.Tensor:
         return (self.a.T @ (g @ self.b)).flatten()
+
+    def batch(self, g: torch.Tensor) -> torch.Tensor:
+        """[batch, out, in] -> [batch, SKETCH_SIDE^2]: one sketch per row, as ``__call__``."""
+        return torch.matmul(self.a.T, torch.matmul(g, self.b)).flatten(1)
 
 
 def shrink_factor(per_seq: np.ndarray) -> np.ndarray:

@@ -3,10 +3,14 @@
 The pass holds one decoder layer at a time, so its device memory does not grow with depth:
 
     weights      4 P                    P = parameters of one decoder layer (fp32 copy)
-    gradients    4 Q (3 + C)            Q = quantized parameters of the layer: the weight gradient,
-                                        Fisher and mean accumulators, and C candidate errors dW_c;
-                                        capped at collect.STATS_BUDGET by sweeping the layer's
-                                        backward once per group of units (``collect.stat_groups``)
+    gradients    4 Q (2 + C)            Q = quantized parameters of the layer: Fisher and mean
+                                        accumulators and C candidate errors dW_c; capped at
+                                        collect.STATS_BUDGET by sweeping the layer's backward once per
+                                        group of units (``collect.stat_groups``)
+    samples      8 B U                  dense layers: the per-sequence weight gradients of a batch of B
+                                        sequences (``sample_batch``) for the largest unit (U parameters)
+                                        and one temporary of their size; MoE layers (one backward per
+                                        sequence): 4 Q, the fused parameters' .grad
     H            12 sum_g in_g^2        one input second moment per distinct input (q/k/v share one,
                                         gate/up share one; per expert for MoE), summed in fp64 and
                                         handed out as an fp32 copy (``model.hooks.InputStats``)
@@ -30,11 +34,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+SAMPLE_BATCH = 8  # sequences per batched backward pass at most
+SAMPLE_BUDGET = 4 * 2**30  # bytes of per-sequence weight gradients (and one temporary) held at once
+
 
 @dataclass(frozen=True)
 class PassMemory:
     weights: int
     gradients: int
+    samples: int
     hessians: int
     head: int
     logits: int
@@ -43,7 +51,7 @@ class PassMemory:
 
     @property
     def device(self) -> int:
-        return self.weights + self.gradients + self.hessians + self.head + self.logits + self.hidden
+        return self.weights + self.gradients + self.samples + self.hessians + self.head + self.logits + self.hidden
 
 
 def pass_memory(config: dict, n_seq: int, seqlen: int, n_candidates: int, lm_head: bool = False) -> PassMemory:
@@ -65,6 +73,7 @@ def pass_memory(config: dict, n_seq: int, seqlen: int, n_candidates: int, lm_hea
     else:
         inter = config["intermediate_size"]
         mlp, inputs, router = 3 * d * inter, d * d + inter * inter, 0
+    largest = max(d * inter, heads * hd * d)
     quantized = attn + mlp
     params = quantized + router + 2 * d
     if config.get("model_type", "").startswith("qwen3"):
@@ -76,9 +85,20 @@ def pass_memory(config: dict, n_seq: int, seqlen: int, n_candidates: int, lm_hea
     layers = config["num_hidden_layers"]
     k = max(1, math.ceil(math.sqrt(layers)))
     states = 4 * n_seq * seqlen * d
-    return PassMemory(weights=4 * params, gradients=4 * quantized * (3 + n_candidates), hessians=12 * inputs,
+    samples = 4 * quantized if experts else 8 * min(n_seq, sample_batch(largest)) * largest
+    return PassMemory(weights=4 * params, gradients=4 * quantized * (2 + n_candidates), samples=samples,
+                      hessians=12 * inputs,
                       head=4 * vocab * d * (2 if lm_head else 1), logits=8 * seqlen * vocab, hidden=3 * states,
                       disk=states * (math.ceil(layers / k) + min(k, layers) - 1))
+
+
+def sample_batch(numel: int, budget: int = SAMPLE_BUDGET) -> int:
+    """Sequences per backward pass of a layer swept for per-sequence gradients (``collect._sweep_batched``).
+
+    The largest swept unit's gradients of one batch, with one temporary of their size, take
+    8 * batch * numel bytes; batching stops at SAMPLE_BATCH, past which launches no longer dominate.
+    """
+    return max(1, min(SAMPLE_BATCH, budget // max(1, 8 * numel)))
 
 
 def sweeps(mem: PassMemory, budget: int) -> int:
