@@ -304,3 +304,59 @@ def test_rounding_aware_table_predicts_gptq_errors(tiny_llama, calib_file, llama
     assert plan.scores.rounding == "gptq"
     with pytest.raises(ScoresError, match="predicts RTN's errors, not GPTQ's"):
         bitalloc.allocate(tiny_llama, "3.0", scores=llama_scores, calibration=CalibrationConfig(rounding="gptq"))
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_moe_fused"])
+def test_batched_sample_grads_equal_one_backward_pass_per_sequence(name, request):
+    """SampleGrads (one backward for 3 sequences, experts recomputed from routing) gives each sequence's
+    own weight gradient: the .grad of a backward pass of that sequence alone, for every unit of a layer."""
+    from bitalloc.model.hooks import SampleGrads
+    from bitalloc.model.layerwise import LayerwiseModel, unit_param, unit_slice
+
+    ckpt = Checkpoint(request.getfixturevalue(name))
+    lm = LayerwiseModel(ckpt, "cpu")
+    layer = lm.load_layer(0)
+    units = [u for u in build_inventory(ckpt).quantized if u.layer == 0]
+    x0 = torch.randn(3, 16, lm.hidden_size, generator=torch.Generator().manual_seed(0))
+    dl = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    x = x0.clone().requires_grad_(True)
+    grads = SampleGrads(layer, units, check_experts=True)
+    y = lm.run_layer(layer, x, lm.position_embeddings(16, 3))
+    grads.close()
+    dx = grads.backward(y, x, dl, want_input=True)
+    got = {u.tensor: grads.weight_grad(u.tensor) for u in units}
+    for p in layer.parameters():
+        p.requires_grad_(True)
+    for s in range(3):
+        layer.zero_grad()
+        xs = x0[s:s + 1].clone().requires_grad_(True)
+        lm.run_layer(layer, xs, lm.position_embeddings(16, 1)).backward(dl[s:s + 1])
+        torch.testing.assert_close(dx[s], xs.grad[0], rtol=1e-4, atol=1e-6)
+        for u in units:
+            want = unit_slice(unit_param(layer, u)[0].grad, layer, u)
+            torch.testing.assert_close(got[u.tensor][s], want, rtol=1e-4, atol=1e-6, msg=u.tensor)
+    assert any(u.expert is not None for u in units) == (name == "tiny_moe_fused")
+
+
+def test_experts_of_another_form_are_refused(tiny_moe_fused, monkeypatch):
+    """Experts' gradients are recomputed in the SwiGLU form (``expert_hidden``); when that does not reproduce
+    the module's output (here: the recomputation is made wrong), the pass stops with a message naming the
+    module instead of scoring experts from a wrong model."""
+    from bitalloc.errors import BitallocError
+    from bitalloc.model import hooks
+    from bitalloc.model.layerwise import LayerwiseModel
+
+    ckpt = Checkpoint(tiny_moe_fused)
+    lm = LayerwiseModel(ckpt, "cpu")
+    layer = lm.load_layer(0)
+    units = [u for u in build_inventory(ckpt).quantized if u.layer == 0 and u.expert is not None]
+    grads = hooks.SampleGrads(layer, units, check_experts=True)
+    x = torch.randn(2, 16, lm.hidden_size, requires_grad=True)
+    y = lm.run_layer(layer, x, lm.position_embeddings(16, 2))
+    grads.close()
+    real = hooks.expert_hidden
+    monkeypatch.setattr(hooks, "expert_hidden", lambda experts, e, xs: tuple(2 * t for t in real(experts, e, xs)))
+    with pytest.raises(BitallocError, match=r"experts of \w+ do not compute act\(gate\) \* up"):
+        grads.backward(y, x, torch.ones_like(y), want_input=False)

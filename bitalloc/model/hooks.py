@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..errors import BitallocError
 from ..plan import Role
 from .distributed import Group
 from .inventory import Unit
@@ -101,9 +102,8 @@ class InputStats:
                     if up_in is not None:
                         self.add(self.key[up_in.tensor], x)
                     if Role.expert_down in role:
-                        gate = expert_slice(experts.gate_up_proj.data, experts, Role.expert_gate, e)
-                        up = expert_slice(experts.gate_up_proj.data, experts, Role.expert_up, e)
-                        self.add(self.key[role[Role.expert_down].tensor], experts.act_fn(x @ gate.T) * (x @ up.T))
+                        gate, up = expert_hidden(experts, e, x)
+                        self.add(self.key[role[Role.expert_down].tensor], experts.act_fn(gate) * up)
         return hook
 
     def close(self) -> None:
@@ -148,8 +148,19 @@ def linear_module(layer: nn.Module, unit: Unit) -> Optional[str]:
     return name if isinstance(mod, nn.Linear) and unit.local.endswith(".weight") else None
 
 
+def expert_hidden(experts: nn.Module, e: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate pre-activation, up) of expert ``e`` on its routed inputs ``x``: act(gate) * up is down's input.
+
+    The SwiGLU form of transformers' fused experts (Qwen3-MoE, Mixtral, DeepSeek); ``SampleGrads`` checks
+    it against the module's own output, so a different experts forward is refused rather than mis-scored.
+    """
+    gate = expert_slice(experts.gate_up_proj.data, experts, Role.expert_gate, e)
+    up = expert_slice(experts.gate_up_proj.data, experts, Role.expert_up, e)
+    return x @ gate.T, x @ up.T
+
+
 class SampleGrads:
-    """Each sequence's own weight gradient of some linear units, from one backward pass over a batch.
+    """Each sequence's own weight gradient of a layer's units, from one backward pass over a batch.
 
     Why: autograd sums a batch's weight gradients, but the gradient statistics need every sequence's
     g_s = sum_t dy_{s,t} x_{s,t}^T separately, which used to cost one backward pass per sequence
@@ -157,19 +168,47 @@ class SampleGrads:
     layer's parameters need no gradient at all: forward hooks keep each linear's input and output,
     one backward of the batch gives dL/dy of every output, and g_s is one batched matmul per unit, the
     same arithmetic as autograd's weight gradient.
+
+    Routed experts (transformers' fused experts module, called with hidden states, top-k indices and
+    top-k weights) are hooked as one module: from dL/d(its output) and the routing, each expert's
+    gate, up and down gradients are recomputed per sequence on the tokens routed to it (the output
+    gradient of a token scaled by its routing weight). The recomputation assumes the SwiGLU expert
+    (``expert_hidden``); ``check_experts`` compares it with the module's output and raises if they differ.
     """
 
-    def __init__(self, layer: nn.Module, modules: dict[str, str]):
-        """``modules``: key (the unit's tensor name) -> local name of its ``nn.Linear`` in ``layer``."""
+    EXPERTS = "mlp.experts"
+
+    def __init__(self, layer: nn.Module, units: list[Unit], check_experts: bool = False):
         self._x: dict[str, torch.Tensor] = {}
         self._y: dict[str, torch.Tensor] = {}
         self._dy: dict[str, torch.Tensor] = {}
-        self.hooks = [layer.get_submodule(m).register_forward_hook(self._hook(k)) for k, m in modules.items()]
+        self._by_expert: dict[int, dict[Role, str]] = defaultdict(dict)
+        self._done: dict[str, torch.Tensor] = {}  # expert grads computed with a sibling's, not yet taken
+        self._routed: tuple[torch.Tensor, ...] = ()  # the experts' call: hidden [N, d], top-k indices, weights
+        self._batch = 0
+        self._check = check_experts
+        self.hooks = []
+        for u in units:
+            module = linear_module(layer, u)
+            if module is not None:
+                self.hooks.append(layer.get_submodule(module).register_forward_hook(self._hook(u.tensor)))
+            elif u.role in EXPERT_ROLES:
+                self._by_expert[u.expert][u.role] = u.tensor
+            else:
+                raise BitallocError(f"{u.tensor} is neither a linear layer nor a fused expert; the calibration pass "
+                                    "cannot take its per-sequence gradients")
+        if self._by_expert:
+            self.experts = layer.get_submodule(self.EXPERTS)
+            self.hooks.append(self.experts.register_forward_hook(self._experts_hook))
 
     def _hook(self, key: str):
         def hook(_mod, inputs, out):
             self._x[key], self._y[key] = inputs[0].detach(), out
         return hook
+
+    def _experts_hook(self, _mod, inputs, out):
+        self._routed = tuple(t.detach() for t in inputs[:3])
+        self._y[self.EXPERTS] = out
 
     def backward(self, y: torch.Tensor, x: torch.Tensor, dl_dy: torch.Tensor, want_input: bool) -> Optional[torch.Tensor]:
         """Backpropagate ``dl_dy`` from the layer output ``y``; returns dL/dx when ``want_input``.
@@ -177,6 +216,9 @@ class SampleGrads:
         ``x`` (the layer input) must require grad so that a graph exists even when the parameters do not.
         """
         self.close()
+        self._batch = x.shape[0]
+        if self._check and self._by_expert:
+            self._check_experts()
         keys = list(self._y)
         wrt = [self._y.pop(k) for k in keys] + ([x] if want_input else [])
         grads = torch.autograd.grad(y, wrt, dl_dy) if wrt else ()
@@ -190,7 +232,55 @@ class SampleGrads:
 
     def weight_grad(self, key: str) -> torch.Tensor:
         """[batch, out, in] fp32: one sequence's weight gradient per row, consumed (freed) on return."""
+        if key in self._done:
+            return self._done.pop(key)
+        if key not in self._x:
+            e = next(e for e, roles in self._by_expert.items() if key in roles.values())
+            self._done.update(self._expert_grads(e))
+            return self._done.pop(key)
         x, dy = self._x.pop(key), self._dy.pop(key)
         x = x.reshape(x.shape[0], -1, x.shape[-1]).float()
         dy = dy.reshape(dy.shape[0], -1, dy.shape[-1]).float()
         return torch.bmm(dy.transpose(1, 2), x)
+
+    def _expert_grads(self, e: int) -> dict[str, torch.Tensor]:
+        """Per-sequence gradients of expert ``e``'s swept weights, by tensor name."""
+        hidden, index, weights = self._routed
+        tok, pos = (index == e).nonzero(as_tuple=True)
+        x = hidden[tok].float()
+        dy = self._dy[self.EXPERTS][tok].float() * weights[tok, pos].float()[:, None]  # dL/d(expert output)
+        down = expert_slice(self.experts.down_proj.data, self.experts, Role.expert_down, e)
+        with torch.enable_grad():
+            g, u = (t.detach().requires_grad_(True) for t in expert_hidden(self.experts, e, x))
+            h = self.experts.act_fn(g) * u
+            dg, du = torch.autograd.grad(h, (g, u), dy @ down)
+        factors = {Role.expert_gate: (dg, x), Role.expert_up: (du, x), Role.expert_down: (dy, h.detach())}
+        seq = tok // (hidden.shape[0] // self._batch)
+        out = {}
+        for role, name in self._by_expert[e].items():
+            a, b = factors[role]
+            grads = torch.zeros(self._batch, a.shape[1], b.shape[1], device=a.device)
+            for s in seq.unique().tolist():
+                m = seq == s
+                grads[s] = a[m].T @ b[m]
+            out[name] = grads
+        return out
+
+    def _check_experts(self) -> None:
+        """The recomputed experts (``expert_hidden``, weighted by routing) must give the module's output."""
+        hidden, index, weights = self._routed
+        with torch.no_grad():
+            mine = torch.zeros_like(self._y[self.EXPERTS], dtype=torch.float32)
+            for e in index.unique().tolist():
+                if not 0 <= e < self.experts.gate_up_proj.shape[0]:
+                    continue
+                tok, pos = (index == e).nonzero(as_tuple=True)
+                g, u = expert_hidden(self.experts, e, hidden[tok].float())
+                down = expert_slice(self.experts.down_proj.data, self.experts, Role.expert_down, e)
+                mine.index_add_(0, tok, (self.experts.act_fn(g) * u) @ down.T * weights[tok, pos].float()[:, None])
+            theirs = self._y[self.EXPERTS].detach().float()
+            err = float((mine - theirs).norm() / theirs.norm().clamp_min(1e-30))
+        if err > 1e-4:
+            raise BitallocError(f"the experts of {type(self.experts).__name__} do not compute act(gate) * up -> down "
+                                f"weighted by routing (relative difference {err:.1e}); this architecture's experts "
+                                "are not supported by the calibration pass")

@@ -28,9 +28,9 @@ from torch import nn
 from ..errors import CalibrationError, ScoresError
 from ..model.checkpoint import Checkpoint
 from ..model.inventory import Inventory, Unit
-from ..model.hooks import InputStats, SampleGrads, linear_module
+from ..model.hooks import InputStats, SampleGrads
 from ..model import distributed
-from ..model.layerwise import LayerwiseModel, iter_batches, unit_param, unit_slice, unit_view
+from ..model.layerwise import LayerwiseModel, iter_batches, unit_view
 from ..model.replay import LayerInputs
 from ..plan import Candidate, Role
 from ..progress import SILENT, Tracker
@@ -318,7 +318,7 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
 
         # ---- backward, layer by layer ------------------------------------------------
         bwd = track.task("sensitivity (per layer)", lm.num_layers)
-        pos1 = lm.position_embeddings(seqlen, 1)
+        cos, sin = lm.position_embeddings(seqlen, min(FORWARD_BATCH, len(mine)))
         bwd.advance(lm.num_layers - done)  # layers restored from checkpoints
         for i in reversed(range(done)):
             x_all = stream.input(i)  # this layer's inputs (replaying its segment loads the layers below first)
@@ -327,44 +327,26 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
             inputs = InputStats(layer, layer_units)
             if rounding is not None or imatrix:  # GPTQ's dW and the imatrix quantizers need H before the sweeps
                 with torch.no_grad():
-                    for s in range(len(mine)):
-                        lm.run_layer(layer, x_all[s:s + 1], pos1)
+                    for b in iter_batches(len(mine), FORWARD_BATCH):
+                        n = b.stop - b.start
+                        lm.run_layer(layer, x_all[b], (cos[:n], sin[:n]))
                 inputs.finish(group)
-            params = dict(layer.named_parameters())
+            for p in layer.parameters():
+                p.requires_grad_(False)  # per-sequence weight gradients come from SampleGrads, not autograd
             zd = _layer_zd([unit_view(layer, u) for u in layer_units])
             groups = stat_groups(layer_units, len(candidates), stats_budget)
             for k, sweep in enumerate(groups):
                 last = k == len(groups) - 1  # the sweep that also passes dL/dh to the layer below
-                for p in params.values():
-                    p.requires_grad_(False)
                 stats = {}
                 for u in sweep:
-                    param, name = unit_param(layer, u)
-                    param.requires_grad_(True)
                     h = gptq_hessian(inputs, u, rounding)
                     imp = _mean_square(inputs.hessian(u.tensor), inputs.tokens(u.tensor)) if imatrix else None
-                    stats[u.tensor] = (name, _grad_stats(unit_view(layer, u), candidates, n_seq, u, h, rounding, imp))
-                modules = {u.tensor: linear_module(layer, u) for u in sweep}
-                if all(modules.values()):  # plain linears: per-sequence gradients from batched backward passes
-                    for p in params.values():
-                        p.requires_grad_(False)
-                    _sweep_batched(lm, layer, x_all, grad, mine, modules, stats, last,
-                                   sample_batch(max((u.numel for u in sweep), default=0)))
-                else:  # fused experts: one backward pass per sequence, its weight gradient read from .grad
-                    for s, g in enumerate(mine):
-                        x = x_all[s:s + 1].detach().requires_grad_(last)
-                        y = lm.run_layer(layer, x, pos1)
-                        layer.zero_grad(set_to_none=True)
-                        y.backward(grad[s:s + 1])
-                        if last:
-                            grad[s:s + 1] = x.grad
-                        for u in sweep:
-                            name, st = stats[u.tensor]
-                            st.add(g, unit_slice(params[name].grad, layer, u))
-                    layer.zero_grad(set_to_none=True)
+                    stats[u.tensor] = _grad_stats(unit_view(layer, u), candidates, n_seq, u, h, rounding, imp)
+                _sweep(lm, layer, x_all, grad, mine, sweep, stats, last,
+                       sample_batch(max((u.numel for u in sweep), default=0)), check_experts=k == 0)
                 inputs.finish(group)  # H is complete after the first sweep
                 for u in sweep:
-                    st = stats.pop(u.tensor)[1]
+                    st = stats.pop(u.tensor)
                     record(u, st, unit_view(layer, u).detach(), inputs.hessian(u.tensor), None,
                            inputs.tokens(u.tensor), lims[i], zd)
                 del stats
@@ -415,12 +397,13 @@ def measure_errors(ckpt: Checkpoint, inv: Inventory, ids: torch.Tensor, candidat
     return table
 
 
-def _sweep_batched(lm: LayerwiseModel, layer: nn.Module, x_all: torch.Tensor, grad: torch.Tensor, mine: list[int],
-                   modules: dict[str, str], stats: dict[str, tuple[str, GradStats]], last: bool, batch: int) -> None:
-    """One backward sweep of a layer whose swept units are plain linears, ``batch`` sequences per pass.
+def _sweep(lm: LayerwiseModel, layer: nn.Module, x_all: torch.Tensor, grad: torch.Tensor, mine: list[int],
+           units: list[Unit], stats: dict[str, GradStats], last: bool, batch: int, check_experts: bool) -> None:
+    """One backward sweep of a layer, ``batch`` sequences per backward pass.
 
-    Each pass gives every unit's per-sequence gradients (``SampleGrads``) and, on the ``last`` sweep,
-    dL/dh of the layer's inputs (written into ``grad`` for the layer below).
+    Each pass gives every swept unit's per-sequence gradients (``SampleGrads``) and, on the ``last``
+    sweep, dL/dh of the layer's inputs (written into ``grad`` for the layer below). ``check_experts``:
+    verify the experts' recomputation on the first pass.
     """
     seqlen = x_all.shape[1]
     cos, sin = lm.position_embeddings(seqlen, min(batch, len(mine)))
@@ -428,15 +411,15 @@ def _sweep_batched(lm: LayerwiseModel, layer: nn.Module, x_all: torch.Tensor, gr
     for b in iter_batches(len(mine), batch):
         n = b.stop - b.start
         x = x_all[b].detach().requires_grad_(True)  # a graph without parameter gradients
-        grads = SampleGrads(layer, modules)
+        grads = SampleGrads(layer, units, check_experts and b.start == 0)
         try:
             y = lm.run_layer(layer, x, (cos[:n], sin[:n]))
         finally:
             grads.close()  # the skeleton's modules outlive this pass: no hook may stay on them
         dx = grads.backward(y, x, grad[b], want_input=last)
         del y
-        for key in modules:
-            stats[key][1].add_batch(index[b], grads.weight_grad(key))
+        for u in units:
+            stats[u.tensor].add_batch(index[b], grads.weight_grad(u.tensor))
         if last:  # only now: autograd hands dL/dy of the residual branch's last linear back as this very view
             grad[b] = dx
 

@@ -7,10 +7,10 @@ The pass holds one decoder layer at a time, so its device memory does not grow w
                                         accumulators and C candidate errors dW_c; capped at
                                         collect.STATS_BUDGET by sweeping the layer's backward once per
                                         group of units (``collect.stat_groups``)
-    samples      8 B U                  dense layers: the per-sequence weight gradients of a batch of B
-                                        sequences (``sample_batch``) for the largest unit (U parameters)
-                                        and one temporary of their size; MoE layers (one backward per
-                                        sequence): 4 Q, the fused parameters' .grad
+    samples      8 B U                  the per-sequence weight gradients of a batch of B sequences
+                                        (``sample_batch``) for the largest unit (U parameters: an
+                                        attention or MLP projection, or one expert's) and one temporary
+                                        of their size
     H            12 sum_g in_g^2        one input second moment per distinct input (q/k/v share one,
                                         gate/up share one; per expert for MoE), summed in fp64 and
                                         handed out as an fp32 copy (``model.hooks.InputStats``)
@@ -73,8 +73,8 @@ def pass_memory(config: dict, n_seq: int, seqlen: int, n_candidates: int, lm_hea
     else:
         inter = config["intermediate_size"]
         mlp, inputs, router = 3 * d * inter, d * d + inter * inter, 0
-    largest = max(d * inter, heads * hd * d)
     quantized = attn + mlp
+    largest = max(d * inter, heads * hd * d)  # inter: one expert's width in an MoE layer
     params = quantized + router + 2 * d
     if config.get("model_type", "").startswith("qwen3"):
         params += 2 * hd  # q_norm, k_norm
@@ -85,7 +85,7 @@ def pass_memory(config: dict, n_seq: int, seqlen: int, n_candidates: int, lm_hea
     layers = config["num_hidden_layers"]
     k = max(1, math.ceil(math.sqrt(layers)))
     states = 4 * n_seq * seqlen * d
-    samples = 4 * quantized if experts else 8 * min(n_seq, sample_batch(largest)) * largest
+    samples = 8 * min(n_seq, sample_batch(largest)) * largest
     return PassMemory(weights=4 * params, gradients=4 * quantized * (2 + n_candidates), samples=samples,
                       hessians=12 * inputs,
                       head=4 * vocab * d * (2 if lm_head else 1), logits=8 * seqlen * vocab, hidden=3 * states,
