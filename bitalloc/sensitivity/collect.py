@@ -4,8 +4,8 @@ Pipeline (memory: one decoder layer's weights in fp32 at a time, see ``memory.py
 checkpointed on disk and replayed, ``model.replay``): embed -> forward through each layer -> loss
 and dL/dh at the top, one sequence at a time -> backward layer by layer in reverse,
 re-materialising each layer and its inputs; each sequence's weight gradient is exact, taken for a
-batch of sequences from one backward pass (``model.hooks.SampleGrads``; fused MoE experts: one
-backward pass per sequence). While a layer is materialised, forward hooks accumulate each unit's input
+batch of sequences from one backward pass (``model.hooks.SampleGrads``; routed experts recomputed
+from the routing). While a layer is materialised, forward hooks accumulate each unit's input
 second moment H, and every sequence's gradient updates the unit's gradient statistics
 (:class:`GradStats`). Then each unit's :class:`~.base.UnitContext` goes to every family in
 ``FAMILIES``, and the layer is released. MoE experts see only their routed tokens (counted); an
