@@ -8,6 +8,7 @@ its fallback). All on CPU, a few seconds in total.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import warnings
 
@@ -265,10 +266,11 @@ def test_moe_layouts_agree_and_starved_experts_fall_back_to_rtn(tiny_moe, tiny_m
     assert not torch.equal(results[1][unit.tensor].codes, res[unit.tensor].codes)  # GPTQ when enough tokens
 
 
-def test_gsq_on_moe_fixes_routing_keeps_starved_experts_and_guards_each_part(tiny_moe_fused, calib_file):
+def test_gsq_on_moe_fixes_routing_keeps_starved_experts_and_guards_each_part(tiny_moe_fused, calib_file,
+                                                                              monkeypatch):
     """MoE layers: the experts' objective uses full-precision routing (attention's error cannot leak into it), an
-    expert routed fewer learning tokens than its input width keeps its starting codes, and every part's error on
-    the held-out sequences ends no higher than its starting codes'."""
+    expert routed fewer learning tokens than its input width keeps its starting codes, every part's error on
+    the held-out sequences ends no higher than its starting codes', and by default only attention is learned."""
     ckpt = Checkpoint(tiny_moe_fused)
     ids = calibration_windows(tokenize(tiny_moe_fused, calib_file), 192, 64, 0)
     cand = Candidate(bits=2, group_size=32)
@@ -285,7 +287,8 @@ def test_gsq_on_moe_fixes_routing_keeps_starved_experts_and_guards_each_part(tin
         warnings.simplefilter("ignore")  # experts under min_expert_tokens start from RTN
         init = quantize_units(layer, units, choices, stats, FAST)
     fp = {u.tensor: unit_view(layer, u).detach().clone() for u in units}
-    objective = gsq.MoeObjective(lm, layer, units, init, x, FAST)
+    config = dataclasses.replace(FAST, gsq_experts=True)
+    objective = gsq.MoeObjective(lm, layer, units, init, x, config)
     assert objective.train.tolist() == [0, 1] and objective.held.tolist() == [2]
     assert gsq.holdout_split(64, 8)[1].tolist() == list(range(7, 64, 8))
     noisy = {n: w + (0.5 * torch.randn_like(w) if ".self_attn." in n else 0) for n, w in fp.items()}
@@ -300,9 +303,15 @@ def test_gsq_on_moe_fixes_routing_keeps_starved_experts_and_guards_each_part(tin
     learning.close()
     starved = {u.expert for u in units if u.expert is not None and learning.tokens(u.tensor) < 64}  # 64: hidden size
     assert objective.starved == starved and 0 < len(starved) < 4  # the data leaves some of each
-    out = gsq.refine_layer(lm, layer, units, init, x, x, FAST, seed=0, track=SILENT)
+    out = gsq.refine_layer(lm, layer, units, init, x, x, config, seed=0, track=SILENT)
     for u in units:
         if u.expert in starved:
             assert torch.equal(out[u.tensor].codes, init[u.tensor].codes)
     after, _ = objective.part_errors(out, objective.held)
     assert all(after[part] <= objective.before[part] for part in objective.before)
+
+    monkeypatch.setattr(gsq.MoeObjective, "guard", lambda self, hard: hard)  # what was learned, unguarded
+    changed = lambda res: {u.expert for u in units if not torch.equal(res[u.tensor].codes, init[u.tensor].codes)}
+    learned = changed(gsq.refine_layer(lm, layer, units, init, x, x, config, seed=0, track=SILENT))
+    assert None in learned and learned - {None} and not learned & starved
+    assert changed(gsq.refine_layer(lm, layer, units, init, x, x, FAST, seed=0, track=SILENT)) == {None}  # default
