@@ -8,7 +8,9 @@ its fallback). All on CPU, a few seconds in total.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -16,15 +18,16 @@ import torch
 from bitalloc.errors import BitallocError
 from bitalloc.model.calib import calibration_windows, tokenize
 from bitalloc.model.checkpoint import Checkpoint
+from bitalloc.model.hooks import InputStats
 from bitalloc.model.inventory import build_inventory
 from bitalloc.model.layerwise import LayerwiseModel, unit_view
 from bitalloc.plan import Candidate
-from bitalloc.rounding import discquant
-from bitalloc.rounding.apply import METHODS, quantize_layers
+from bitalloc.progress import SILENT
+from bitalloc.rounding import discquant, gsq
+from bitalloc.rounding.apply import METHODS, quantize_layers, quantize_units
 from bitalloc.rounding.base import QuantizedWeight, SegmentedWeight, as_parts
 from bitalloc.rounding.config import RoundingConfig
 from bitalloc.rounding.gptq import gptq, gptq_quantize
-from bitalloc.rounding.gsq import GumbelRun
 from bitalloc.rounding.rtn import (
     fake_quantize,
     rtn_dequantize,
@@ -151,7 +154,7 @@ def test_gsq_at_zero_temperature_is_its_hard_assignment(bits):
     w = torch.randn(8, 64, generator=torch.Generator().manual_seed(bits))
     start = rtn_quantize(w, bits, 32)
     gen = torch.Generator().manual_seed(0)
-    run = GumbelRun(start, RoundingConfig(), gen)
+    run = gsq.GumbelRun(start, RoundingConfig(), gen)
     with torch.no_grad():
         run.logits.add_(torch.randn(run.logits.shape, generator=gen))  # some other assignment than the start
         run.scale.mul_(1.01)
@@ -261,3 +264,54 @@ def test_moe_layouts_agree_and_starved_experts_fall_back_to_rtn(tiny_moe, tiny_m
     w = unit_view(LayerwiseModel(ckpt, "cpu").load_layer(unit.layer), unit).detach()
     assert torch.equal(res[unit.tensor].codes, rtn_quantize(w, 3, 32).codes)
     assert not torch.equal(results[1][unit.tensor].codes, res[unit.tensor].codes)  # GPTQ when enough tokens
+
+
+def test_gsq_on_moe_fixes_routing_keeps_starved_experts_and_guards_each_part(tiny_moe_fused, calib_file,
+                                                                              monkeypatch):
+    """MoE layers: the experts' objective uses full-precision routing (attention's error cannot leak into it), an
+    expert routed fewer learning tokens than its input width keeps its starting codes, every part's error on
+    the held-out sequences ends no higher than its starting codes', and by default only attention is learned."""
+    ckpt = Checkpoint(tiny_moe_fused)
+    ids = calibration_windows(tokenize(tiny_moe_fused, calib_file), 192, 64, 0)
+    cand = Candidate(bits=2, group_size=32)
+    units = [u for u in build_inventory(ckpt).quantized if u.layer == 0]
+    choices = {u.tensor: [(0, u.shape[-1], cand)] for u in units}
+    lm = LayerwiseModel(ckpt, "cpu")
+    layer = lm.load_layer(0)
+    x = lm.embedding_weight()[ids]
+    stats = InputStats(layer, units)
+    with torch.no_grad():
+        lm.run_layer(layer, x, lm.position_embeddings(x.shape[1], x.shape[0]))
+    stats.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # experts under min_expert_tokens start from RTN
+        init = quantize_units(layer, units, choices, stats, FAST)
+    fp = {u.tensor: unit_view(layer, u).detach().clone() for u in units}
+    config = dataclasses.replace(FAST, gsq_experts=True)
+    objective = gsq.MoeObjective(lm, layer, units, init, x, config)
+    assert objective.train.tolist() == [0, 1] and objective.held.tolist() == [2]
+    assert gsq.holdout_split(64, 8)[1].tolist() == list(range(7, 64, 8))
+    noisy = {n: w + (0.5 * torch.randn_like(w) if ".self_attn." in n else 0) for n, w in fp.items()}
+    with torch.no_grad():
+        assert all(float(v) == 0.0 for v in objective.errors(fp, x).values())
+        errors = objective.errors(noisy, x)
+    assert float(errors["attention"]) > 0 and float(errors["experts"]) == 0.0
+
+    learning = InputStats(layer, units)
+    with torch.no_grad():
+        lm.run_layer(layer, x[:2], lm.position_embeddings(x.shape[1], 2))
+    learning.close()
+    starved = {u.expert for u in units if u.expert is not None and learning.tokens(u.tensor) < 64}  # 64: hidden size
+    assert objective.starved == starved and 0 < len(starved) < 4  # the data leaves some of each
+    out = gsq.refine_layer(lm, layer, units, init, x, x, config, seed=0, track=SILENT)
+    for u in units:
+        if u.expert in starved:
+            assert torch.equal(out[u.tensor].codes, init[u.tensor].codes)
+    after, _ = objective.part_errors(out, objective.held)
+    assert all(after[part] <= objective.before[part] for part in objective.before)
+
+    monkeypatch.setattr(gsq.MoeObjective, "guard", lambda self, hard: hard)  # what was learned, unguarded
+    changed = lambda res: {u.expert for u in units if not torch.equal(res[u.tensor].codes, init[u.tensor].codes)}
+    learned = changed(gsq.refine_layer(lm, layer, units, init, x, x, config, seed=0, track=SILENT))
+    assert None in learned and learned - {None} and not learned & starved
+    assert changed(gsq.refine_layer(lm, layer, units, init, x, x, FAST, seed=0, track=SILENT)) == {None}  # default
