@@ -315,3 +315,6 @@ def test_gsq_on_moe_fixes_routing_keeps_starved_experts_and_guards_each_part(tin
     learned = changed(gsq.refine_layer(lm, layer, units, init, x, x, config, seed=0, track=SILENT))
     assert None in learned and learned - {None} and not learned & starved
     assert changed(gsq.refine_layer(lm, layer, units, init, x, x, FAST, seed=0, track=SILENT)) == {None}  # default
+    experts_only = [u for u in units if u.expert is not None]  # attention left unquantized: nothing to learn
+    out = gsq.refine_layer(lm, layer, experts_only, init, x, x, FAST, seed=0, track=SILENT)
+    assert all(out[u.tensor] is init[u.tensor] for u in experts_only)

@@ -137,9 +137,13 @@ def refine_layer(lm: LayerwiseModel, layer: nn.Module, units: list[Unit], init: 
     use :class:`MoeObjective`, which recomputes its full-precision references from ``inputs``.
     """
     freeze(layer)
-    moe = MoeObjective(lm, layer, units, init, inputs, config) if any(u.expert is not None for u in units) else None
-    learned = units if moe is None else [u for u in units if u.expert is None or
-                                         (config.gsq_experts and u.expert not in moe.starved)]
+    moe = None
+    if any(u.expert is not None for u in units):
+        parts = units if config.gsq_experts else [u for u in units if u.expert is None]  # experts keep GPTQ's
+        if not parts:
+            return {u.tensor: init[u.tensor] for u in units}
+        moe = MoeObjective(lm, layer, parts, init, inputs, config)
+    learned = units if moe is None else [u for u in moe.units if u.expert not in moe.starved]
     fixed = {u.tensor: init[u.tensor].dequantize() for u in units if u not in learned}
     gen = torch.Generator(device=lm.device).manual_seed(seed)
     cpu_gen = torch.Generator().manual_seed(seed)
@@ -166,7 +170,7 @@ def refine_layer(lm: LayerwiseModel, layer: nn.Module, units: list[Unit], init: 
     hard = {**{name: from_parts([(a, r.hard()) for a, r in parts]) for name, parts in runs.items()},
             **{u.tensor: init[u.tensor] for u in units if u not in learned}}
     if moe is not None:
-        return moe.guard(hard)
+        return {**hard, **moe.guard(hard)}
     before, after = block_error(lm, layer, units, init, inputs, targets, config), \
         block_error(lm, layer, units, hard, inputs, targets, config)
     LOG.info("layer %s: block output error GPTQ %.3e -> GSQ %.3e", units[0].layer, before, after)
