@@ -208,8 +208,9 @@ def test_a_symlinked_output_is_written_through(env, tmp_path):
 # ---- signals: the per-run work directory ---------------------------------------------------------------------
 
 def interrupt_calibration(env, work: Path, out: Path, *signals: signal.Signals, prelude: str = ""):
-    """Run ``bitalloc scores`` in a subprocess, send ``signals`` (0.5 s apart) once an activation store exists
-    in ``work``; return (exit code, stderr)."""
+    """Run ``bitalloc scores`` in a subprocess, send ``signals`` (0.05 s apart) once an activation store exists
+    in ``work``; return (exit code, stderr). The stores appear when the pass starts, which on this tiny model
+    lasts well under a second: a longer gap let the last signal land after the command had finished."""
     code = f"{prelude}from bitalloc.cli import main; main()"
     cmd = [sys.executable, "-c", code, "scores", str(env["model"]), "--calib", str(env["calib"]), "--calib-tokens",
            "8192", "--seqlen", "128", "-o", str(out), "--workdir", str(work), "-q"]
@@ -221,7 +222,7 @@ def interrupt_calibration(env, work: Path, out: Path, *signals: signal.Signals, 
             assert time.monotonic() < deadline, "no activation store appeared"
             time.sleep(0.02)
         for i, sig in enumerate(signals):
-            time.sleep(0.5 if i else 0)
+            time.sleep(0.05 if i else 0)
             proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
