@@ -183,6 +183,7 @@ class SampleGrads:
         self._y: dict[str, torch.Tensor] = {}
         self._dy: dict[str, torch.Tensor] = {}
         self._by_expert: dict[int, dict[Role, str]] = defaultdict(dict)
+        self._expert_of: dict[str, int] = {}
         self._done: dict[str, torch.Tensor] = {}  # expert grads computed with a sibling's, not yet taken
         self._routed: tuple[torch.Tensor, ...] = ()  # the experts' call: hidden [N, d], top-k indices, weights
         self._batch = 0
@@ -194,6 +195,7 @@ class SampleGrads:
                 self.hooks.append(layer.get_submodule(module).register_forward_hook(self._hook(u.tensor)))
             elif u.role in EXPERT_ROLES:
                 self._by_expert[u.expert][u.role] = u.tensor
+                self._expert_of[u.tensor] = u.expert
             else:
                 raise BitallocError(f"{u.tensor} is neither a linear layer nor a fused expert; the calibration pass "
                                     "cannot take its per-sequence gradients")
@@ -235,8 +237,7 @@ class SampleGrads:
         if key in self._done:
             return self._done.pop(key)
         if key not in self._x:
-            e = next(e for e, roles in self._by_expert.items() if key in roles.values())
-            self._done.update(self._expert_grads(e))
+            self._done.update(self._expert_grads(self._expert_of[key]))
             return self._done.pop(key)
         x, dy = self._x.pop(key), self._dy.pop(key)
         x = x.reshape(x.shape[0], -1, x.shape[-1]).float()
@@ -245,17 +246,14 @@ class SampleGrads:
 
     def _expert_grads(self, e: int) -> dict[str, torch.Tensor]:
         """Per-sequence gradients of expert ``e``'s swept weights, by tensor name."""
-        hidden, index, weights = self._routed
-        tok, pos = (index == e).nonzero(as_tuple=True)
-        x = hidden[tok].float()
-        dy = self._dy[self.EXPERTS][tok].float() * weights[tok, pos].float()[:, None]  # dL/d(expert output)
-        down = expert_slice(self.experts.down_proj.data, self.experts, Role.expert_down, e)
+        tok, x, w = self._routed_to(e)
+        dy = self._dy[self.EXPERTS][tok].float() * w  # dL/d(expert output)
         with torch.enable_grad():
             g, u = (t.detach().requires_grad_(True) for t in expert_hidden(self.experts, e, x))
             h = self.experts.act_fn(g) * u
-            dg, du = torch.autograd.grad(h, (g, u), dy @ down)
+            dg, du = torch.autograd.grad(h, (g, u), dy @ self._down(e))
         factors = {Role.expert_gate: (dg, x), Role.expert_up: (du, x), Role.expert_down: (dy, h.detach())}
-        seq = tok // (hidden.shape[0] // self._batch)
+        seq = tok // (self._routed[0].shape[0] // self._batch)
         out = {}
         for role, name in self._by_expert[e].items():
             a, b = factors[role]
@@ -266,18 +264,25 @@ class SampleGrads:
             out[name] = grads
         return out
 
+    def _routed_to(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(token indices, their inputs fp32, their routing weights [n, 1]) of the tokens routed to expert ``e``."""
+        hidden, index, weights = self._routed
+        tok, pos = (index == e).nonzero(as_tuple=True)
+        return tok, hidden[tok].float(), weights[tok, pos].float()[:, None]
+
+    def _down(self, e: int) -> torch.Tensor:
+        return expert_slice(self.experts.down_proj.data, self.experts, Role.expert_down, e)
+
     def _check_experts(self) -> None:
         """The recomputed experts (``expert_hidden``, weighted by routing) must give the module's output."""
-        hidden, index, weights = self._routed
         with torch.no_grad():
             mine = torch.zeros_like(self._y[self.EXPERTS], dtype=torch.float32)
-            for e in index.unique().tolist():
+            for e in self._routed[1].unique().tolist():
                 if not 0 <= e < self.experts.gate_up_proj.shape[0]:
                     continue
-                tok, pos = (index == e).nonzero(as_tuple=True)
-                g, u = expert_hidden(self.experts, e, hidden[tok].float())
-                down = expert_slice(self.experts.down_proj.data, self.experts, Role.expert_down, e)
-                mine.index_add_(0, tok, (self.experts.act_fn(g) * u) @ down.T * weights[tok, pos].float()[:, None])
+                tok, x, w = self._routed_to(e)
+                g, u = expert_hidden(self.experts, e, x)
+                mine.index_add_(0, tok, (self.experts.act_fn(g) * u) @ self._down(e).T * w)
             theirs = self._y[self.EXPERTS].detach().float()
             err = float((mine - theirs).norm() / theirs.norm().clamp_min(1e-30))
         if err > 1e-4:

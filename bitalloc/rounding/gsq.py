@@ -224,8 +224,8 @@ class MoeObjective:
                only: int | None = None) -> dict[str, torch.Tensor]:
         """Summed squared errors on ``h`` [batch, seqlen, hidden] of ``"attention"`` and ``"experts"``.
 
-        ``ref``: :meth:`reference` of ``h`` when already computed; ``only``: the error of expert
-        ``only``'s weighted outputs alone, on the tokens routed to it (the other routes' weights set to 0).
+        ``ref``: :meth:`reference` of ``h`` when already computed; ``only``: just the error of expert
+        ``only``'s weighted outputs, on the tokens routed to it (the other routes' weights set to 0).
         """
         normed, attn, z, top_w, top_i = self.reference(h) if ref is None else ref
         if only is not None:
@@ -235,7 +235,7 @@ class MoeObjective:
         attn_params = {k.removeprefix("self_attn."): v for k, v in params.items() if k.startswith("self_attn.")}
         expert_params = {k.removeprefix("mlp.experts."): v for k, v in params.items() if k.startswith("mlp.experts.")}
         out = {}
-        if attn_params:
+        if attn_params and only is None:
             attn_q = torch.func.functional_call(self.layer.self_attn, attn_params, (normed,), self.attn_kwargs(h))[0]
             out["attention"] = (attn_q - attn).pow(2).sum()
         if expert_params:

@@ -61,7 +61,6 @@ class GradStats:
 
     def __init__(self, w: torch.Tensor, dws: list[torch.Tensor], n_seq: int, seed: int):
         self.dws = dws
-        self._stacked = torch.stack(dws)  # [C, out, in]: one product per sequence for all candidates
         self.fisher = torch.zeros_like(w)
         self.mean = torch.zeros_like(w)
         self.dots = torch.zeros(n_seq, len(dws), -(-w.shape[1] // SLAB_WIDTH), device=w.device)
@@ -70,21 +69,17 @@ class GradStats:
 
     def add(self, s: int, g: torch.Tensor) -> None:
         """One sequence's gradient (global sequence index ``s``)."""
-        g = g.float()
-        self.fisher += g.pow(2)
-        self.mean += g
-        self.dots[s] = slab_sums_torch((self._stacked * g).sum(1))
-        self.sketch[s] = self.sketch_fn(g)
+        self.add_batch(torch.tensor([s], device=self.dots.device), g.float()[None])
 
     def add_batch(self, seqs: torch.Tensor, g: torch.Tensor) -> None:
-        """Several sequences' gradients [batch, out, in] (``seqs``: their global indices); ``g`` is overwritten.
+        """Several sequences' gradients [batch, out, in] (``seqs``: their global indices).
 
-        The same statistics as ``add`` once per row; one temporary of ``g``'s size at a time.
+        One temporary of ``g``'s size at a time.
         """
         self.mean += g.sum(0)
         self.dots[seqs] = torch.stack([slab_sums_torch((g * dw).sum(1)) for dw in self.dws], 1)
-        self.sketch[seqs] = self.sketch_fn.batch(g)
-        self.fisher += g.square_().sum(0)
+        self.sketch[seqs] = self.sketch_fn(g)
+        self.fisher += g.square().sum(0)
 
     def state(self) -> dict[str, torch.Tensor]:
         """The accumulators (what a resumed pass restores); ``dws`` are recomputed from the weight."""

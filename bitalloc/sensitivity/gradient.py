@@ -54,11 +54,8 @@ class Sketch:
         self.b = (torch.randn(shape[1], side, generator=gen) / side**0.5).to(device)
 
     def __call__(self, g: torch.Tensor) -> torch.Tensor:
-        return (self.a.T @ (g @ self.b)).flatten()
-
-    def batch(self, g: torch.Tensor) -> torch.Tensor:
-        """[batch, out, in] -> [batch, SKETCH_SIDE^2]: one sketch per row, as ``__call__``."""
-        return torch.matmul(self.a.T, torch.matmul(g, self.b)).flatten(1)
+        """[..., out, in] -> [..., SKETCH_SIDE^2]: one sketch per matrix."""
+        return torch.matmul(self.a.T, torch.matmul(g, self.b)).flatten(-2)
 
 
 def shrink_factor(per_seq: np.ndarray) -> np.ndarray:
