@@ -105,3 +105,28 @@ def test_resume_after_an_interruption_gives_the_identical_table(deep, deep_ids, 
     other = collect.measure_errors(ckpt, inv, deep_ids[:4], cands, device="cpu", resume=str(tmp_path))
     assert saved == [1, 0, 4, 3, 2, 1, 0]  # other token ids: another key, nothing reused
     assert other.meta["calib_sequences"] == 4
+
+
+def test_prefetch_reads_the_next_layer_of_each_sweep_ahead_and_hands_back_what_was_asked():
+    """Forward, backward and another forward sweep: every layer asked for is the one handed back, and after each
+    sweep's first layer the layer asked for was already read by the background thread."""
+    import threading
+
+    from bitalloc.model.prefetch import Prefetch
+
+    reads: list[tuple[int, bool]] = []  # (layer, read in line by the asking thread)
+
+    def read(i: int) -> dict[str, torch.Tensor]:
+        reads.append((i, threading.current_thread() is threading.main_thread()))
+        return {"w": torch.full((2,), float(i))}
+
+    n = 6
+    pre = Prefetch(read, n, background=True)
+    order = list(range(n)) + list(reversed(range(n))) + list(range(n))
+    for i in order:
+        assert float(pre.get(i)["w"][0]) == i
+    # in line only where no guess can know: the first load and each end's layer loaded twice in a row
+    assert [i for i, main in reads if main] == [0, n - 1, 0]
+    assert len(reads) <= len(order) + 2  # at most two guesses wasted
+    alone = Prefetch(read, n, background=False)
+    assert float(alone.get(3)["w"][0]) == 3 and reads[-1] == (3, True)

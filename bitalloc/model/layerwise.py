@@ -24,6 +24,7 @@ from ..errors import BitallocError, CheckpointError, OutputError
 from ..plan import Role
 from .checkpoint import Checkpoint
 from .inventory import Unit
+from .prefetch import Prefetch
 
 
 EXPERT_ROLES = (Role.expert_gate, Role.expert_up, Role.expert_down)  # held fused in transformers>=5
@@ -107,25 +108,43 @@ class LayerwiseModel:
         head = self.skeleton.lm_head.weight
         self._head_name = "lm_head.weight" if "lm_head.weight" in ckpt.tensors else self._embed_name
         self._head_shape = tuple(head.shape)
+        self._prefetch = Prefetch(self._host_layer, self.num_layers, background=self.device.type == "cuda")
 
     # ---- weights -------------------------------------------------------------------------
     def load_layer(self, i: int) -> nn.Module:
-        """Materialise decoder layer ``i`` in fp32 on the device from the checkpoint."""
+        """Materialise decoder layer ``i`` in fp32 on the device from the checkpoint.
+
+        On CUDA the next layer's tensors are read from disk into pinned host memory by a background
+        thread meanwhile (:class:`~bitalloc.model.prefetch.Prefetch`), so disk and page-cache reads overlap
+        the GPU's work on this layer, and the copy to the device is a DMA that does not block the host.
+        """
         layer = self.layers[i]
         prefix = f"{self.layer_prefix}.{i}."
-        state = {}
-        for local, p in layer.state_dict(keep_vars=True).items():
-            state[local] = self._read_param(prefix, local, layer, tuple(p.shape))
+        host = self._prefetch.get(i)
+        state = {local: t.to(self.device, torch.float32, non_blocking=True) for local, t in host.items()}
+        self._check_finite({prefix + local: t for local, t in state.items()})
         layer.load_state_dict(state, assign=True, strict=True)
         return layer
 
     def release_layer(self, i: int) -> None:
         self.layers[i].to("meta")
 
+    def _host_layer(self, i: int) -> dict[str, torch.Tensor]:
+        """Layer ``i``'s tensors as stored (the file's dtype), on the host; pinned when the pass runs on CUDA."""
+        layer = self.layers[i]
+        prefix = f"{self.layer_prefix}.{i}."
+        out = {}
+        for local, p in layer.state_dict(keep_vars=True).items():
+            t = self._read_param(prefix, local, layer, tuple(p.shape))
+            if self.device.type == "cuda":
+                t = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+            out[local] = t
+        return out
+
     def _read_param(self, prefix: str, local: str, layer: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
         name = prefix + local
         if name in self.ckpt.tensors:
-            t = self._load(name)
+            t = self.ckpt.load(name)
         elif local.endswith(("experts.gate_up_proj", "experts.down_proj")):
             t = self._assemble_fused(prefix, local, layer)
         else:
@@ -139,28 +158,35 @@ class LayerwiseModel:
         experts = layer.get_submodule(local.rsplit(".", 1)[0])
         n = experts.num_experts
         base = prefix + local.rsplit(".", 1)[0]
+        load = self.ckpt.load
         if local.endswith("gate_up_proj"):
-            per = [torch.cat([self._load(f"{base}.{e}.gate_proj.weight"), self._load(f"{base}.{e}.up_proj.weight")])
+            per = [torch.cat([load(f"{base}.{e}.gate_proj.weight"), load(f"{base}.{e}.up_proj.weight")])
                    for e in range(n)]
         else:
-            per = [self._load(f"{base}.{e}.down_proj.weight") for e in range(n)]
+            per = [load(f"{base}.{e}.down_proj.weight") for e in range(n)]
         t = torch.stack(per)
         return t.transpose(1, 2) if getattr(experts, "is_transposed", False) else t
 
     def _load(self, name: str) -> torch.Tensor:
-        """A checkpoint tensor in fp32 on the pass device, refused if it holds NaN or Inf.
+        """A checkpoint tensor in fp32 on the pass device, refused if it holds NaN or Inf."""
+        t = self.ckpt.load(name).to(self.device, torch.float32)
+        self._check_finite({name: t})
+        return t
+
+    def _check_finite(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Refuse weights that hold NaN or Inf, with one device-to-host sync for all of ``tensors``.
 
         Checked here, where every weight the model runs with is read: one non-finite weight turns every
         activation after it into NaN, which used to surface as a linear-algebra traceback deep in the
-        sensitivity pass, or as ``perplexity nan`` with exit 0. The check runs after the copy to the
-        device (a CPU scan of a bf16 tensor costs more than the copy).
+        sensitivity pass, or as ``perplexity nan`` with exit 0. The check runs on the device (a CPU scan of
+        a bf16 tensor costs more than the copy).
         """
-        t = self.ckpt.load(name).to(self.device, torch.float32)
-        finite = torch.isfinite(t)
-        if not bool(finite.all()):
-            raise CheckpointError(f"tensor {name!r} of {self.ckpt.path} holds {int((~finite).sum())} NaN or Inf "
-                                  "value(s); the checkpoint is corrupt: export or download it again")
-        return t
+        flags = torch.stack([torch.isfinite(t).all() for t in tensors.values()])
+        if bool(flags.all()):
+            return
+        name, t = next((n, t) for (n, t), ok in zip(tensors.items(), flags.tolist()) if not ok)
+        raise CheckpointError(f"tensor {name!r} of {self.ckpt.path} holds {int((~torch.isfinite(t)).sum())} NaN or "
+                              "Inf value(s); the checkpoint is corrupt: export or download it again")
 
     def embedding_weight(self) -> torch.Tensor:
         return self._load(self._embed_name)

@@ -26,7 +26,9 @@ plus the activations of one sequence inside one layer (autograd keeps a few [seq
 tensors). Layer inputs live in memory-mapped files on disk, paged in and out by the OS, so host RAM
 needs only the working set: the input of every K-th layer (K = ceil(sqrt(L))) and K - 1 inputs of
 the segment being swept, (ceil(L / K) + K - 1) n_seq seqlen d fp32 values (``model.replay``;
-7 stores instead of 18 at 16 layers, 17 instead of 82 at 80).
+7 stores instead of 18 at 16 layers, 17 instead of 82 at 80). On CUDA, host RAM also holds the next
+decoder layer's weights as stored, read ahead in pinned memory (``model.prefetch``): 2 P bytes for bf16,
+a few in flight (measured at 8B: +0.8 GiB of peak RSS).
 """
 
 from __future__ import annotations
