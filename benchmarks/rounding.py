@@ -12,8 +12,9 @@ result is scored with the evaluation protocol of docs/eval.md (first 32768 held-
 windows of 512, fp32, one decoder layer at a time), the method's dequantized weights in place of
 RTN fake-quantization. With ``--methods rtn`` the numbers equal ``bitalloc eval --bits B``.
 With ``--plans`` each plan's widths (per tensor, segments included) are quantized by every method the
-same way. Prints a markdown table (perplexity, wall seconds and peak memory of quantization: GPU memory
-on CUDA, the process's peak RSS so far on CPU) and writes it as JSON with -o, a row at a time.
+same way. Prints a markdown table (perplexity; the mean per-token NLL difference to GPTQ on the same setting
+with its paired standard error over the held-out windows; wall seconds and peak memory of quantization: GPU
+memory on CUDA, the process's peak RSS so far on CPU) and writes it as JSON with -o, a row at a time.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 from bitalloc.model.calib import CALIB_SEQLEN, EVAL_SEQLEN, EVAL_TOKENS, calibration_windows, eval_windows, tokenize
 from bitalloc.model.checkpoint import Checkpoint
 from bitalloc.model.inventory import build_inventory
-from bitalloc.model.layerwise import LayerwiseModel, unit_view
+from bitalloc.model.layerwise import LayerwiseModel, unit_view, window_loss
 from bitalloc.plan import Candidate, Plan
 from bitalloc.progress import tracker
 from bitalloc.rounding.apply import METHODS, quantize_layers
@@ -42,8 +43,10 @@ from cache import model_parser
 EVAL_BATCH = 8
 
 
-def perplexity(ckpt: Checkpoint, ids: torch.Tensor, weights: dict[str, Quantized], device: str) -> float:
-    """docs/eval.md's protocol with the given quantized tensors substituted (decoder tensors only)."""
+def window_nlls(ckpt: Checkpoint, ids: torch.Tensor, weights: dict[str, Quantized], device: str) -> list[float]:
+    """Each held-out window's summed next-token NLL under docs/eval.md's protocol, with the given quantized
+    tensors substituted (decoder tensors only): their sum over the predicted tokens gives the perplexity, and
+    per-window differences between two methods give a paired standard error."""
     lm = LayerwiseModel(ckpt, device)
     units = {u.tensor: u for u in build_inventory(ckpt).quantized}
     by_layer: dict[int, list[str]] = {}
@@ -59,8 +62,27 @@ def perplexity(ckpt: Checkpoint, ids: torch.Tensor, weights: dict[str, Quantized
                 unit_view(layer, units[name]).copy_(weights[name].dequantize())
             lm.run_layer_batched(layer, h, h, EVAL_BATCH)
             lm.release_layer(i)
-        total, n_pred = lm.total_loss(h, ids, norm_w, head_w)
-    return math.exp(total / n_pred)
+        return [window_loss(lm.head_logits(h[s], norm_w, head_w), ids[s]) for s in range(len(ids))]
+
+
+def perplexity(ckpt: Checkpoint, ids: torch.Tensor, weights: dict[str, Quantized], device: str) -> float:
+    """docs/eval.md's perplexity with the given quantized tensors substituted."""
+    return math.exp(sum(window_nlls(ckpt, ids, weights, device)) / (ids.shape[0] * (ids.shape[1] - 1)))
+
+
+def pair_with_gptq(rows: list[dict], n_pred: int) -> None:
+    """Give each row of a setting that has a GPTQ row its paired difference to it (``vs_gptq``)."""
+    gptq = {r["setting"]: r for r in rows if r["method"] == "gptq"}
+    for r in rows:
+        if r["method"] != "gptq" and r["setting"] in gptq:
+            r["vs_gptq"] = paired(r["window_nll"], gptq[r["setting"]]["window_nll"], n_pred)
+
+
+def paired(a: list[float], b: list[float], n_pred: int) -> tuple[float, float]:
+    """Mean per-token NLL difference a - b over the windows and its standard error (windows as samples)."""
+    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    per_window = n_pred / len(d)
+    return float(d.mean()) / per_window, float(d.std(correction=1)) / math.sqrt(len(d)) / per_window
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -95,6 +117,7 @@ def main() -> None:
     ckpt = Checkpoint(args.model)
     calib = calibration_windows(tokenize(ckpt.path, args.calib), args.calib_tokens, args.seqlen, config.seed)
     heldout = eval_windows(tokenize(ckpt.path, args.heldout), EVAL_TOKENS, EVAL_SEQLEN)
+    n_pred = heldout.shape[0] * (heldout.shape[1] - 1)
     units = build_inventory(ckpt).quantized
     settings = [(f"uniform {b}-bit g{args.group}",
                  {u.tensor: [(0, u.shape[-1], Candidate(bits=b, group_size=args.group))] for u in units})
@@ -114,16 +137,19 @@ def main() -> None:
                 seconds = time.perf_counter() - t0
                 peak = torch.cuda.max_memory_allocated() if cuda else \
                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-                ppl = perplexity(ckpt, heldout, weights, args.device)
-                rows.append({"setting": label, "method": method, "perplexity": round(ppl, 4),
-                             "quantize_s": round(seconds, 1), "peak_mib": round(peak / 2**20)})
-                print(json.dumps(rows[-1]), flush=True)
+                nll = window_nlls(ckpt, heldout, weights, args.device)
+                rows.append({"setting": label, "method": method, "perplexity": round(math.exp(sum(nll) / n_pred), 4),
+                             "quantize_s": round(seconds, 1), "peak_mib": round(peak / 2**20), "window_nll": nll})
+                pair_with_gptq(rows, n_pred)
+                print(json.dumps({k: v for k, v in rows[-1].items() if k != "window_nll"}), flush=True)
                 if args.output:
                     args.output.write_text(json.dumps({"config": dataclasses.asdict(config), "rows": rows}, indent=1))
     print(f"\nconfig: {config}\ncalibration: {calib.shape[0]} x {calib.shape[1]} tokens; device {args.device}\n")
-    print("| setting | method | perplexity | quantize wall s | peak MiB |\n|---|---|---|---|---|")
+    print("| setting | method | perplexity | NLL/token vs GPTQ (paired SE) | quantize wall s | peak MiB |\n"
+          "|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['setting']} | {r['method']} | {r['perplexity']:.3f} | {r['quantize_s']} | {r['peak_mib']} |")
+        vs = "{:+.4f} ({:.4f})".format(*r["vs_gptq"]) if "vs_gptq" in r else ""
+        print(f"| {r['setting']} | {r['method']} | {r['perplexity']:.3f} | {vs} | {r['quantize_s']} | {r['peak_mib']} |")
 
 
 if __name__ == "__main__":

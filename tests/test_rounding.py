@@ -247,6 +247,34 @@ def test_discquant_keeps_x_in_the_box_and_ends_on_grid_points(tiny_llama, window
         assert bool(((q.codes.float() - rtn.codes.float()).abs() <= 1).all())  # the lower or upper point
 
 
+def test_discquant_on_moe_holds_experts_at_gptq_codes(tiny_moe_fused, calib_file):
+    """By default routed experts take GPTQ's codes (its sequential pass over every unit) and only the rest is learned on
+    RTN's grid; with ``discquant_experts`` the experts are learned too (RTN's grid, not GPTQ's codes)."""
+    ckpt = Checkpoint(tiny_moe_fused)
+    ids = calibration_windows(tokenize(tiny_moe_fused, calib_file), 192, 64, 0)
+    cand = Candidate(bits=2, group_size=32)
+    units = build_inventory(ckpt).quantized
+    choices = {u.tensor: [(0, u.shape[-1], cand)] for u in units}
+    experts = {u.tensor for u in units if u.expert is not None}
+    assert experts and len(experts) < len(units)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # starved experts fall back to RTN in both runs alike
+        res = quantize_layers(ckpt, choices, "discquant", ids, FAST, "cpu")
+        gptq_experts = quantize_layers(ckpt, choices, "gptq", ids, FAST, "cpu")
+        learned = quantize_layers(ckpt, choices, "discquant", ids, dataclasses.replace(FAST, discquant_experts=True),
+                                  "cpu")
+    assert res.keys() == choices.keys()
+    assert all(torch.equal(res[n].codes, gptq_experts[n].codes) for n in experts)
+    lm = LayerwiseModel(ckpt, "cpu")
+    for u in units:
+        rtn = rtn_quantize(unit_view(lm.load_layer(u.layer), u).detach().float(), 2, 32)
+        assert torch.equal(learned[u.tensor].scale, rtn.scale)  # learned on RTN's grid
+        if u.tensor not in experts:
+            assert torch.equal(res[u.tensor].scale, rtn.scale)
+            assert bool(((res[u.tensor].codes.float() - rtn.codes.float()).abs() <= 1).all())
+    assert any(not torch.equal(learned[n].codes, gptq_experts[n].codes) for n in experts)
+
+
 def test_moe_layouts_agree_and_starved_experts_fall_back_to_rtn(tiny_moe, tiny_moe_fused, calib_file):
     results = []
     for path in (tiny_moe, tiny_moe_fused):

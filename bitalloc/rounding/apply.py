@@ -19,7 +19,8 @@ factorisation and makes the updates larger matrix products.
 
 DiscQuant optimises the whole model end to end and has its own layer-by-layer schedule
 (``discquant.py``); the driver hands it the decoder units and treats the embedding and head as
-below for every method.
+below for every method. In MoE models the routed experts take the codes of a sequential GPTQ pass and
+DiscQuant learns the rest with them held fixed (``config.discquant_experts``).
 
 Outside the decoder layers: an included embedding (tied or not) is quantized with RTN before
 layer 0 (a lookup table has no input correlations to exploit: GPTQ with its diagonal H would be
@@ -93,7 +94,11 @@ def quantize_layers(ckpt: Checkpoint, choices: dict[str, Runs], method: str, win
             x.tensor[b] = emb[ids[b]].cpu()
         del emb
         if method == "discquant":
-            results.update(discquant.quantize(lm, work.layers, work.choices, ids, x, config, track))
+            learned, fixed = split_experts(work.layers, config.discquant_experts)
+            if fixed:
+                gptq_fixed(lm, work, fixed, x, results, config, track)
+            results.update(discquant.quantize(lm, learned, work.choices, ids, x, config, track,
+                                              fixed=(fixed, results)))
             if work.head is not None:
                 propagate(lm, work.layers, results, x, config)
         else:
@@ -103,6 +108,32 @@ def quantize_layers(ckpt: Checkpoint, choices: dict[str, Runs], method: str, win
     finally:
         x.close()
     return results
+
+
+def split_experts(layers: dict[int, list[Unit]], learn_experts: bool) -> tuple[dict[int, list[Unit]],
+                                                                                dict[int, list[Unit]]]:
+    """(units DiscQuant learns, routed experts it holds at GPTQ's codes) per layer; see ``discquant_experts``."""
+    if learn_experts:
+        return dict(layers), {}
+    learned = {i: [u for u in units if u.expert is None] for i, units in layers.items()}
+    fixed = {i: [u for u in units if u.expert is not None] for i, units in layers.items()}
+    return {i: us for i, us in learned.items() if us}, {i: us for i, us in fixed.items() if us}
+
+
+def gptq_fixed(lm: LayerwiseModel, work: Work, fixed: dict[int, list[Unit]], x: ActivationStore,
+               results: dict[str, Quantized], config: RoundingConfig, track: Tracker) -> None:
+    """GPTQ codes of the ``fixed`` units into ``results``, from a sequential GPTQ pass over all of ``work`` (on a
+    copy of the embedded inputs ``x``), so that they are compensated for quantized layers upstream, as in the
+    model they will run in; the other units' GPTQ codes are dropped (DiscQuant learns them)."""
+    copy = ActivationStore(*x.tensor.shape)
+    every: dict[str, Quantized] = {}
+    try:
+        for b in chunks(x.tensor.shape[0], config.batch):
+            copy.tensor[b] = x.tensor[b]
+        sequential(lm, work, "gptq", copy, every, config, track)
+    finally:
+        copy.close()
+    results.update({u.tensor: every[u.tensor] for units in fixed.values() for u in units})
 
 
 def plan_work(ckpt: Checkpoint, choices: dict[str, Runs]) -> Work:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Optional
 
 import torch
 
@@ -95,9 +96,24 @@ class Interp:
         return q
 
 
+Fixed = tuple[dict[int, list[Unit]], dict[str, Quantized]]
+
+
 def quantize(lm: LayerwiseModel, layers: dict[int, list[Unit]], choices: dict[str, Runs], ids: torch.Tensor,
-             embedded: ActivationStore, config: RoundingConfig, track: Tracker) -> dict[str, Quantized]:
-    """DiscQuant codes of every decoder unit; ``embedded`` holds the (possibly quantized) embeddings of ``ids``."""
+             embedded: ActivationStore, config: RoundingConfig, track: Tracker,
+             fixed: Optional[Fixed] = None) -> dict[str, Quantized]:
+    """DiscQuant codes of the decoder units in ``layers``; ``embedded`` holds the (possibly quantized) embeddings
+    of ``ids``. ``fixed`` (units per layer, their quantized weights) are already quantized: the quantized model
+    uses them as they are, and nothing is learned for them (MoE experts at GPTQ's codes)."""
+    fixed_units, fixed_weights = fixed or ({}, {})
+
+    def load(i: int) -> torch.nn.Module:
+        layer = lm.load_layer(i)
+        with torch.no_grad():
+            for u in fixed_units.get(i, []):
+                unit_view(layer, u).copy_(fixed_weights[u.tensor].dequantize())
+        return layer
+
     interps: dict[str, list[tuple[int, Interp]]] = {}
     for i, units in layers.items():
         layer = lm.load_layer(i)
@@ -107,6 +123,8 @@ def quantize(lm: LayerwiseModel, layers: dict[int, list[Unit]], choices: dict[st
                                  for a, b, c in choices[u.tensor]]
         lm.release_layer(i)
     every = [r for parts in interps.values() for _, r in parts]
+    if not every:  # nothing to learn (every quantized unit is fixed)
+        return {}
     delta2 = 12 * sum(r.squared_rtn_error() for r in every) / sum(r.state.tensor[0].numel() for r in every)
     teacher = full_precision_top(lm, ids, config, track)
     norm_w, head_w = lm.head_weights()
@@ -121,7 +139,7 @@ def quantize(lm: LayerwiseModel, layers: dict[int, list[Unit]], choices: dict[st
             h = embedded.tensor[pick].to(lm.device)
             for i in range(lm.num_layers):  # forward, keeping each layer's input
                 stores[i].tensor.copy_(h.cpu())
-                layer = lm.load_layer(i)
+                layer = load(i)
                 units = layers.get(i, [])
                 with torch.no_grad():
                     h = forward_with(lm, layer, units, current_weights(units, interps, lm.device), h)
@@ -129,7 +147,7 @@ def quantize(lm: LayerwiseModel, layers: dict[int, list[Unit]], choices: dict[st
             g = kl_grad(lm, h, teacher.tensor[pick], norm_w, head_w)
             lr = config.discquant_lr * 0.5 * (1 + math.cos(math.pi * step / config.discquant_steps))
             for i in reversed(range(lm.num_layers)):  # backward, re-materialising each layer
-                layer = lm.load_layer(i)
+                layer = load(i)
                 freeze(layer)
                 units = layers.get(i, [])
                 xs = {u.tensor: [(a, r, r.state.tensor[0].to(lm.device).requires_grad_(True))
