@@ -207,17 +207,19 @@ def test_a_symlinked_output_is_written_through(env, tmp_path):
 
 # ---- signals: the per-run work directory ---------------------------------------------------------------------
 
-# The pass on the tiny model can end within a few hundredths of a second of its first activation store, so a
-# signal sent "during" it could land after the command had finished (seen under CI load). Each layer load
-# waits 0.3 s in the child, which keeps the pass running for seconds without changing what it computes.
-SLOW_LAYERS = ("import time, bitalloc.model.layerwise as _L; _load = _L.LayerwiseModel.load_layer; "
+# The pass on the tiny model can end within a fraction of a second of its first activation store, so a signal
+# sent "during" it races the command's end. Each layer load waits 0.3 s in the child, which keeps the pass
+# running for seconds without changing what it computes. SIGHUP starts at its default disposition, as from a
+# terminal, whatever the test runner inherited (under `nohup` it is ignored, and bitalloc rightly keeps it so).
+CHILD_SETUP = ("import signal, time, bitalloc.model.layerwise as _L; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
+               "_load = _L.LayerwiseModel.load_layer; "
                "_L.LayerwiseModel.load_layer = lambda self, i: (time.sleep(0.3), _load(self, i))[1]; ")
 
 
 def interrupt_calibration(env, work: Path, out: Path, *signals: signal.Signals, prelude: str = ""):
-    """Run ``bitalloc scores`` in a subprocess whose layer loads are slowed (``SLOW_LAYERS``), send ``signals``
-    (0.05 s apart) once an activation store exists in ``work``; return (exit code, stderr)."""
-    code = f"{prelude}{SLOW_LAYERS}from bitalloc.cli import main; main()"
+    """Run ``bitalloc scores`` in a subprocess set up by ``CHILD_SETUP`` then ``prelude``, send ``signals`` (0.05 s
+    apart) once an activation store exists in ``work``; return (exit code, stderr)."""
+    code = f"{CHILD_SETUP}{prelude}from bitalloc.cli import main; main()"
     cmd = [sys.executable, "-c", code, "scores", str(env["model"]), "--calib", str(env["calib"]), "--calib-tokens",
            "8192", "--seqlen", "128", "-o", str(out), "--workdir", str(work), "-q"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
