@@ -248,8 +248,8 @@ def test_discquant_keeps_x_in_the_box_and_ends_on_grid_points(tiny_llama, window
 
 
 def test_discquant_on_moe_holds_experts_at_gptq_codes(tiny_moe_fused, calib_file):
-    """By default routed experts take GPTQ's codes (its sequential pass over every unit) and only the rest is learned on
-    RTN's grid; with ``discquant_experts`` the experts are learned too (RTN's grid, not GPTQ's codes)."""
+    """By default routed experts take GPTQ's codes (its sequential pass over every unit) and only the rest is
+    learned on RTN's grid; with ``discquant_experts`` the experts are learned too (RTN's grid, not GPTQ's codes)."""
     ckpt = Checkpoint(tiny_moe_fused)
     ids = calibration_windows(tokenize(tiny_moe_fused, calib_file), 192, 64, 0)
     cand = Candidate(bits=2, group_size=32)
