@@ -50,7 +50,7 @@ from ..plan import Role
 from ..progress import SILENT, Tracker
 from . import discquant, gsq
 from .base import Quantized, QuantizedWeight, as_parts, from_parts
-from .blockwise import chunks
+from .blockwise import chunks, write
 from .config import DEFAULT, RoundingConfig
 from .gptq import gptq
 from .rtn import Runs, rtn_quantize
@@ -128,8 +128,7 @@ def gptq_fixed(lm: LayerwiseModel, work: Work, fixed: dict[int, list[Unit]], x: 
     copy = ActivationStore(*x.tensor.shape)
     every: dict[str, Quantized] = {}
     try:
-        for b in chunks(x.tensor.shape[0], config.batch):
-            copy.tensor[b] = x.tensor[b]
+        copy.tensor.copy_(x.tensor)
         sequential(lm, work, "gptq", copy, every, config, track)
     finally:
         copy.close()
@@ -202,13 +201,6 @@ def run(lm: LayerwiseModel, layer, src: torch.Tensor, dst: Optional[torch.Tensor
             out = lm.run_layer(layer, h, lm.position_embeddings(h.shape[1], h.shape[0]))
             if dst is not None:
                 dst[b] = out.to(dst.device)
-
-
-def write(layer, units: list[Unit], results: dict[str, Quantized]) -> None:
-    """Put the dequantized weights into the materialised layer."""
-    with torch.no_grad():
-        for u in units:
-            unit_view(layer, u).copy_(results[u.tensor].dequantize())
 
 
 def quantize_units(layer, units: list[Unit], choices: dict[str, Runs], stats: Optional[InputStats],

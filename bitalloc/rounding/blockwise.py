@@ -6,6 +6,7 @@ the layer with the replacement tensors in place of its parameters, so nothing is
 the module and autograd sees the replacements. Experts that transformers holds fused in 3-D
 tensors are assembled by writing each expert's [out, in] tensor into its slice of a copy of the
 fused parameter (an in-place copy autograd records), so both checkpoint layouts take one path.
+Weights that are final (already quantized) are written into the layer instead (``write``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 from torch import nn
 
 from ..model.inventory import Unit
-from ..model.layerwise import LayerwiseModel, unit_param, unit_slice
+from ..model.layerwise import LayerwiseModel, unit_param, unit_slice, unit_view
+from .base import Quantized
 
 
 def replaced_params(layer: nn.Module, units: list[Unit], weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -56,3 +58,10 @@ def chunks(n: int, size: int) -> Iterator[slice]:
 def sample(n: int, size: int, gen: torch.Generator) -> torch.Tensor:
     """``size`` distinct sequence indices out of ``n`` (all of them when ``size >= n``), sorted."""
     return torch.randperm(n, generator=gen)[:size].sort().values
+
+
+def write(layer: nn.Module, units: list[Unit], results: dict[str, Quantized]) -> None:
+    """Put the units' dequantized weights into the materialised layer."""
+    with torch.no_grad():
+        for u in units:
+            unit_view(layer, u).copy_(results[u.tensor].dequantize())

@@ -49,7 +49,7 @@ from ..model.inventory import Unit
 from ..model.layerwise import ActivationStore, LayerwiseModel, unit_view
 from ..progress import Tracker
 from .base import Quantized, QuantizedWeight, from_parts
-from .blockwise import chunks, forward_with, freeze, sample
+from .blockwise import chunks, forward_with, freeze, sample, write
 from .config import RoundingConfig
 from .rtn import Runs, group_view, rtn_params
 
@@ -109,9 +109,7 @@ def quantize(lm: LayerwiseModel, layers: dict[int, list[Unit]], choices: dict[st
 
     def load(i: int) -> torch.nn.Module:
         layer = lm.load_layer(i)
-        with torch.no_grad():
-            for u in fixed_units.get(i, []):
-                unit_view(layer, u).copy_(fixed_weights[u.tensor].dequantize())
+        write(layer, fixed_units.get(i, []), fixed_weights)
         return layer
 
     interps: dict[str, list[tuple[int, Interp]]] = {}
